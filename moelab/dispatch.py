@@ -1,0 +1,160 @@
+"""Dispatch and combine: tokens -> expert-major buffers -> tokens, from one Routing.
+
+Two layouts, chosen by the Routing:
+
+- capacity (``routing.capacity == C``): an expert-major buffer [E, C, d]; expert e's tokens sit in
+  rows ``slot`` of ``buffer[e]``, unused rows are zero. This is what DeepSpeed's all-to-all sends.
+- dropless (``routing.capacity is None``): a packed buffer [N, d] of the N kept routes sorted by
+  expert, with per-expert ``offsets`` [E + 1] (expert e owns rows offsets[e]:offsets[e+1]).
+
+Two backends compute the same buffers (and gradients):
+
+- "einsum": the GShard / DeepSpeed training path. It builds the one-hot dispatch mask and the
+  combine-weight tensor, both [S, E, C], and runs ``einsum('sec,sm->ecm')`` and
+  ``einsum('sec,ecm->sm')``: S·E·C·d multiply-adds each, of which all but S·k·d multiply zeros.
+- "index": the paper's mapping table (§5.4): each kept route knows its row ``e·C + slot``; dispatch
+  is one gather and combine one gather plus a k-term weighted sum, S·k·d work.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .routing import Routing
+
+BACKENDS = ("einsum", "index")
+
+
+def check_backend(backend: str) -> None:
+    if backend == "triton":
+        raise ValueError("backend='triton' needs moelab's Triton kernels, which are not built "
+                         "yet (the kernels slice); use backend='index' or 'einsum'")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+
+
+def expert_offsets(routing: Routing) -> Tensor:
+    """[E + 1] long: where each expert's rows start in the packed (dropless) buffer."""
+    load = routing.load
+    return torch.cat([load.new_zeros(1), torch.cumsum(load, 0)])
+
+
+def buffer_row(routing: Routing) -> Tensor:
+    """[S, k] long: the row of each route in the flattened dispatch buffer; -1 where dropped.
+
+    Capacity layout: e·C + slot. Packed layout: offsets[e] + slot.
+    """
+    if routing.capacity is not None:
+        start = routing.expert * routing.capacity
+    else:
+        start = expert_offsets(routing)[routing.expert]
+    return torch.where(routing.kept, start + routing.slot, torch.full_like(routing.slot, -1))
+
+
+def _num_rows(routing: Routing) -> int:
+    if routing.capacity is not None:
+        return routing.num_experts * routing.capacity
+    return int(routing.kept.sum().item())
+
+
+# ---------------------------------------------------------------- index backend (mapping table)
+
+def _source_token(routing: Routing, num_rows: int) -> Tensor:
+    """[rows] long: the token that fills each buffer row, S (a padding index) for empty rows."""
+    num_tokens, k = routing.expert.shape
+    rows = buffer_row(routing).reshape(-1)  # [S·k]
+    token = torch.arange(num_tokens, device=rows.device).repeat_interleave(k)  # [S·k]
+    kept = rows >= 0
+    source = torch.full((num_rows,), num_tokens, dtype=torch.long, device=rows.device)
+    source[rows[kept]] = token[kept]
+    return source
+
+
+def _dispatch_index(x: Tensor, routing: Routing) -> Tensor:
+    num_rows = _num_rows(routing)
+    source = _source_token(routing, num_rows)  # [rows]
+    empty = source == x.shape[0]
+    # gather: buffer[row] = x[source[row]]; empty rows read token 0 and are zeroed after.
+    buffer = x.index_select(0, torch.where(empty, 0, source))  # [rows, d]
+    return buffer.masked_fill(empty[:, None], 0)
+
+
+def _combine_index(expert_out: Tensor, routing: Routing) -> Tensor:
+    num_tokens, k = routing.expert.shape
+    flat_out = expert_out.reshape(-1, expert_out.shape[-1])  # [rows, d]
+    rows = buffer_row(routing)  # [S, k]
+    # Dropped routes read row 0 with weight 0, so they add nothing (and get no gradient).
+    gathered = flat_out.index_select(0, rows.clamp(min=0).reshape(-1))  # [S·k, d]
+    weight = routing.weight.to(expert_out.dtype)  # [S, k]
+    if k == 1:
+        return gathered * weight  # [S, d]
+    # y_s = sum_j weight[s, j] · out[row[s, j]]                                       [S, d]
+    return torch.bmm(weight[:, None, :], gathered.view(num_tokens, k, -1)).squeeze(1)
+
+
+# ------------------------------------------------------------- einsum backend (one-hot masks)
+
+def dispatch_masks(routing: Routing, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """The GShard/DeepSpeed tensors, both [S, E, C]: the 0/1 dispatch mask and the combine
+    weights (dropless uses C = the largest load). Built from the mapping table, for the einsum
+    backend and to show what the table saves."""
+    num_tokens, k = routing.expert.shape
+    capacity = routing.buffer_rows
+    kept = routing.kept
+    token = torch.arange(num_tokens, device=kept.device)[:, None].expand(-1, k)[kept]
+    combine = torch.zeros(num_tokens, routing.num_experts, capacity, dtype=dtype,
+                          device=kept.device)
+    combine = combine.index_put((token, routing.expert[kept], routing.slot[kept]),
+                                routing.weight[kept].to(dtype))
+    mask = torch.zeros_like(combine)
+    mask[token, routing.expert[kept], routing.slot[kept]] = 1
+    return mask, combine
+
+
+def _packed_rows(routing: Routing) -> Tensor:
+    """Rows of the padded [E, C_max] buffer that hold a route, in packed (expert-sorted) order."""
+    rows = torch.arange(routing.buffer_rows, device=routing.slot.device)
+    return (rows[None, :] < routing.load[:, None]).reshape(-1)  # [E·C_max] bool
+
+
+def _dispatch_einsum(x: Tensor, routing: Routing) -> Tensor:
+    mask, _ = dispatch_masks(routing, x.dtype)
+    # dispatched[e, c, m] = sum_s mask[s, e, c] · x[s, m]                            [E, C, d]
+    buffer = torch.einsum("sec,sm->ecm", mask, x)
+    if routing.capacity is not None:
+        return buffer.reshape(-1, x.shape[-1])
+    return buffer.reshape(-1, x.shape[-1])[_packed_rows(routing)]  # pack: [N, d]
+
+
+def _combine_einsum(expert_out: Tensor, routing: Routing) -> Tensor:
+    _, combine = dispatch_masks(routing, expert_out.dtype)
+    d_model = expert_out.shape[-1]
+    if routing.capacity is None:  # unpack [N, d] into the padded [E, C_max, d]
+        padded = expert_out.new_zeros(routing.num_experts * routing.buffer_rows, d_model)
+        padded[_packed_rows(routing)] = expert_out.reshape(-1, d_model)
+        expert_out = padded
+    expert_out = expert_out.reshape(routing.num_experts, -1, d_model)
+    # y[s, m] = sum_{e,c} combine[s, e, c] · out[e, c, m]                                [S, d]
+    return torch.einsum("sec,ecm->sm", combine, expert_out)
+
+
+# --------------------------------------------------------------------------------- public API
+
+def dispatch(x: Tensor, routing: Routing, backend: str = "index") -> Tensor:
+    """[S, d] tokens -> the expert buffer: [E, C, d] (capacity) or packed [N, d] (dropless)."""
+    check_backend(backend)
+    if x.dim() != 2 or x.shape[0] != routing.num_tokens:
+        raise ValueError(f"x must be [tokens={routing.num_tokens}, d]; got {tuple(x.shape)}")
+    flat = _dispatch_index(x, routing) if backend == "index" else _dispatch_einsum(x, routing)
+    if routing.capacity is not None:
+        return flat.view(routing.num_experts, routing.capacity, x.shape[-1])
+    return flat
+
+
+def combine(expert_out: Tensor, routing: Routing, backend: str = "index") -> Tensor:
+    """Expert outputs (the layout `dispatch` made) -> [S, d], the weighted sum over k routes."""
+    check_backend(backend)
+    if backend == "index":
+        return _combine_index(expert_out, routing)
+    return _combine_einsum(expert_out, routing)

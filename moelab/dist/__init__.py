@@ -1,0 +1,1 @@
+"""moelab.dist: expert parallelism over torch.distributed (the expert-parallelism slice)."""

@@ -1,0 +1,113 @@
+"""Experts: E feed-forward networks held as one weight bank and run as one batched matmul.
+
+DeepSpeed keeps a ModuleList of deep copies of one expert and loops over it; moelab keeps each
+matrix as a single [E, ...] tensor so that all experts run in one ``baddbmm`` per matrix (the same
+shape the grouped GEMM kernels and the expert-parallel sharding use: slice dim 0).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ACTIVATIONS = ("gelu", "swiglu", "relu")
+
+
+def check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+
+
+def check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}; got {activation!r}")
+
+
+def activate(h: Tensor, activation: str) -> Tensor:
+    """GELU / ReLU on h, or SwiGLU on h = [gate | up] (Shazeer 2020): silu(gate) · up."""
+    if activation == "gelu":
+        return F.gelu(h)
+    if activation == "relu":
+        return F.relu(h)
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class Experts(nn.Module):
+    """E independent FFNs, d_model -> d_ff -> d_model.
+
+    Weights: ``w_in`` [E, d, f] (f = 2·d_ff for SwiGLU: gate and up side by side), ``w_out``
+    [E, d_ff, d], biases ``b_in`` [E, f] and ``b_out`` [E, d] when ``bias=True``.
+
+    DeepSpeed: deep-copies one expert, so every expert (and with equal seeds every rank) starts
+    with identical weights and only routing noise breaks the symmetry. moelab draws each expert's
+    weights independently (nn.Linear's init, per expert).
+    """
+
+    def __init__(self, num_experts: int, d_model: int, d_ff: int, activation: str = "gelu",
+                 bias: bool = True) -> None:
+        super().__init__()
+        for name, value in (("num_experts", num_experts), ("d_model", d_model), ("d_ff", d_ff)):
+            check_positive_int(name, value)
+        check_activation(activation)
+        self.num_experts, self.d_model, self.d_ff = num_experts, d_model, d_ff
+        self.activation = activation
+        width = 2 * d_ff if activation == "swiglu" else d_ff
+        self.w_in = nn.Parameter(torch.empty(num_experts, d_model, width))
+        self.w_out = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
+        self.b_in = nn.Parameter(torch.empty(num_experts, width)) if bias else None
+        self.b_out = nn.Parameter(torch.empty(num_experts, d_model)) if bias else None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        # nn.Linear's default init, drawn independently for every expert: U(-1/√fan_in, 1/√fan_in)
+        for weight, bias, fan_in in ((self.w_in, self.b_in, self.d_model),
+                                     (self.w_out, self.b_out, self.d_ff)):
+            bound = 1 / math.sqrt(fan_in)
+            weight.uniform_(-bound, bound)
+            if bias is not None:
+                bias.uniform_(-bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[E, C, d] -> [E, C, d]: expert e runs on x[e]."""
+        if x.dim() != 3 or x.shape[0] != self.num_experts or x.shape[2] != self.d_model:
+            raise ValueError(f"Experts expects [num_experts={self.num_experts}, rows, "
+                             f"d_model={self.d_model}]; got {tuple(x.shape)}")
+        # h_e = act(x_e · W_in[e] + b_in[e])                                             [E, C, f]
+        h = self._affine(x, self.w_in, self.b_in)
+        # y_e = h_e · W_out[e] + b_out[e]                                                [E, C, d]
+        return self._affine(activate(h, self.activation), self.w_out, self.b_out)
+
+    @staticmethod
+    def _affine(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        weight = weight.to(x.dtype)
+        if bias is None:
+            return torch.bmm(x, weight)
+        return torch.baddbmm(bias.to(x.dtype)[:, None, :], x, weight)
+
+    def forward_packed(self, x: Tensor, offsets: Tensor) -> Tensor:
+        """Packed rows [N, d], expert e owning rows offsets[e]:offsets[e+1] -> [N, d].
+
+        Pads each expert's segment to the largest one ([E, max_rows, d]) and runs the batched
+        FFN; the Triton grouped GEMM (kernels slice) removes the padding.
+        """
+        if offsets.shape != (self.num_experts + 1,):
+            raise ValueError(f"offsets must have shape [num_experts + 1]=({self.num_experts + 1},)"
+                             f"; got {tuple(offsets.shape)}")
+        num_rows = x.shape[0]
+        load = offsets[1:] - offsets[:-1]  # [E]
+        max_rows = int(load.max().item()) if num_rows else 0
+        slot = torch.arange(max_rows, device=x.device)  # [M]
+        valid = slot[None, :] < load[:, None]  # [E, M]
+        source = torch.where(valid, offsets[:-1, None] + slot[None, :], num_rows)  # [E, M]
+        padded = torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, source.reshape(-1))
+        out = self(padded.view(self.num_experts, max_rows, -1))  # [E, M, d]
+        return out.reshape(-1, out.shape[-1])[valid.reshape(-1)]  # [N, d]
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, "
+                f"activation={self.activation!r}, bias={self.b_in is not None}")

@@ -1,0 +1,118 @@
+"""The MoE layer: x -> Router -> Routing -> dispatch -> Experts -> combine -> y.
+
+``residual=True`` is the paper's Residual-MoE (§4.1.2): a fixed dense MLP beside the experts, its
+output mixed with the experts' by a learned per-token two-way softmax (as DeepSpeed implements
+"adding the two branches"). Pyramid-Residual MoE (PR-MoE) is this layer with more experts in the
+last layers; the model builds that.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .dispatch import check_backend, combine, dispatch, expert_offsets
+from .experts import Experts, activate, check_activation, check_positive_int
+from .routing import Router, Routing
+
+
+class MLP(nn.Module):
+    """A dense FFN d -> d_ff -> d: the residual branch of Residual-MoE (and a dense block)."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "gelu", bias: bool = True):
+        super().__init__()
+        check_activation(activation)
+        self.activation = activation
+        self.fc_in = nn.Linear(d_model, 2 * d_ff if activation == "swiglu" else d_ff, bias=bias)
+        self.fc_out = nn.Linear(d_ff, d_model, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc_out(activate(self.fc_in(x), self.activation))
+
+
+class MoE(nn.Module):
+    """A Mixture-of-Experts FFN layer, DeepSpeed-MoE's semantics by default.
+
+    Args:
+        d_model, d_ff, num_experts: model width, expert hidden width, number of experts E.
+        k: experts per token. capacity_factor / eval_capacity_factor / min_capacity /
+            drop_tokens / use_rts / noisy_gate_policy / second_expert_sampling / drop_policy /
+            choice / bias_update_rate: the router's options (see `moelab.routing.route`).
+        activation: "gelu" (the paper's GPT), "swiglu" or "relu". bias: biases in the experts.
+        residual: Residual-MoE (§4.1.2): y = g₀(x)·MoE(x) + g₁(x)·MLP(x), g = softmax(W_c x + b_c).
+        backend: "index" (mapping table, the default) or "einsum" (one-hot masks).
+
+    ``forward(x[..., d]) -> (y[..., d], Routing)``. The layer does not add its losses to
+    anything: ``routing.aux_loss`` (times a coefficient, 0.01 in the paper's scripts) and
+    ``routing.z_loss`` go into the model's loss.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int,
+        k: int = 1,
+        *,
+        capacity_factor: float = 1.0,
+        eval_capacity_factor: float | None = None,
+        min_capacity: int = 4,
+        drop_tokens: bool = True,
+        use_rts: bool = True,
+        noisy_gate_policy: str | None = None,
+        second_expert_sampling: bool = True,
+        drop_policy: str = "position",
+        choice: str = "token",
+        bias_update_rate: float = 0.0,
+        activation: str = "gelu",
+        bias: bool = True,
+        residual: bool = False,
+        backend: str = "index",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts)):
+            check_positive_int(name, value)
+        check_backend(backend)
+        self.d_model, self.backend = d_model, backend
+        self.router = Router(
+            d_model, num_experts, k=k, capacity_factor=capacity_factor,
+            eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity,
+            drop_tokens=drop_tokens, use_rts=use_rts, noisy_gate_policy=noisy_gate_policy,
+            second_expert_sampling=second_expert_sampling, drop_policy=drop_policy,
+            choice=choice, bias_update_rate=bias_update_rate, generator=generator)
+        self.experts = Experts(num_experts, d_model, d_ff, activation=activation, bias=bias)
+        self.residual = residual
+        if residual:
+            self.mlp = MLP(d_model, d_ff, activation=activation, bias=bias)
+            self.coefficient = nn.Linear(d_model, 2)
+
+    @property
+    def num_experts(self) -> int:
+        return self.experts.num_experts
+
+    def set_backend(self, backend: str) -> None:
+        check_backend(backend)
+        self.backend = backend
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Routing]:
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"MoE input's last dim must be d_model={self.d_model}; "
+                             f"got shape {tuple(x.shape)}")
+        tokens = x.reshape(-1, self.d_model)  # [..., d] -> [S, d]
+        routing = self.router(tokens)
+        buffer = dispatch(tokens, routing, self.backend)  # [E, C, d] or packed [N, d]
+        if routing.capacity is not None:
+            expert_out = self.experts(buffer)
+        else:
+            expert_out = self.experts.forward_packed(buffer, expert_offsets(routing))
+        y = combine(expert_out, routing, self.backend).to(x.dtype)  # [S, d]
+        if self.residual:
+            # §4.1.2 Residual-MoE, DeepSpeed's form: coef = softmax(W_c x + b_c) per token,
+            # y = coef₀ · MoE(x) + coef₁ · MLP(x).
+            coef = torch.softmax(self.coefficient(tokens), dim=-1)  # [S, 2]
+            y = y * coef[:, 0:1] + self.mlp(tokens) * coef[:, 1:2]
+        return y.view(x.shape), routing
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}, residual={self.residual}"

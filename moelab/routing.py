@@ -1,0 +1,461 @@
+"""Routing: router logits -> the token-to-expert mapping table.
+
+This is the gate of DeepSpeed-MoE (Rajbhandari et al. 2022) and of GShard/Switch before it, written
+so that its result is the paper's dense *mapping table* (§5.4: "a dense token-to-expert mapping
+table") rather than the one-hot [S, E, C] masks of DeepSpeed's training code. Every later stage
+(dispatch, the experts, the combine, the all-to-all, the kernels, the views) reads one `Routing`.
+
+Semantics follow DeepSpeed's ``top1gating`` / ``top2gating`` / ``topkgating`` (deepspeed/moe/
+sharded_moe.py) exactly, except where DeepSpeed is wrong or order-unstable; each such place has a
+comment starting with "DeepSpeed:" that says what it does and why moelab differs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+NOISE_POLICIES = (None, "Jitter", "RSample")
+DROP_POLICIES = ("position", "probs")
+CHOICES = ("token", "expert")
+JITTER_EPS = 1e-2  # DeepSpeed's multiplicative_jitter epsilon
+
+
+@dataclass
+class Routing:
+    """The token-to-expert mapping table, plus what the losses and views need.
+
+    For token s and its j-th choice: ``expert[s, j]`` is the chosen expert, ``slot[s, j]`` its
+    position in that expert's buffer (-1 when the route was dropped) and ``weight[s, j]`` the
+    combine weight (0 for dropped routes). ``counts`` are the routes each expert was asked for,
+    before any dropping (DeepSpeed's ``exp_counts``).
+
+    With expert-choice routing (``expert_choice=True``) the table has one column per expert
+    (``expert[s, j] == j``) and ``slot[s, j] >= 0`` where expert j picked token s.
+    """
+
+    expert: Tensor  # [S, k] long: chosen expert per token and choice
+    weight: Tensor  # [S, k] float: combine weight, 0 where dropped
+    slot: Tensor  # [S, k] long: position inside the expert's buffer, -1 where dropped
+    capacity: int | None  # slots per expert; None = dropless
+    probs: Tensor  # [S, E] float: router probabilities softmax(logits)
+    counts: Tensor  # [E] long: routes asked of each expert, before dropping
+    aux_loss: Tensor  # 0-dim: the load-balancing loss l_aux
+    z_loss: Tensor  # 0-dim: router z-loss (ST-MoE), mean(logsumexp(logits)^2)
+    expert_choice: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return self.expert.shape[0]
+
+    @property
+    def num_experts(self) -> int:
+        return self.probs.shape[1]
+
+    @property
+    def k(self) -> int:
+        return self.expert.shape[1]
+
+    @property
+    def kept(self) -> Tensor:
+        """[S, k] bool: routes that reach their expert."""
+        return self.slot >= 0
+
+    @property
+    def load(self) -> Tensor:
+        """[E] long: routes each expert actually processes (after dropping)."""
+        experts = self.expert[self.kept]
+        return torch.bincount(experts, minlength=self.num_experts)
+
+    @property
+    def buffer_rows(self) -> int:
+        """Rows per expert in the dispatched buffer: C, or the largest load when dropless."""
+        if self.capacity is not None:
+            return self.capacity
+        return int(self.load.max().item()) if self.num_tokens else 0
+
+    @property
+    def drop_fraction(self) -> float:
+        """Fraction of requested routes that were dropped (for expert choice: of tokens that no
+        expert picked)."""
+        if self.expert_choice:
+            return float((~self.kept.any(dim=1)).float().mean().item())
+        return float((~self.kept).float().mean().item())
+
+    def detach(self) -> Routing:
+        """A copy holding no autograd graph (for views and metric histories)."""
+        return Routing(
+            expert=self.expert, weight=self.weight.detach(), slot=self.slot,
+            capacity=self.capacity, probs=self.probs.detach(), counts=self.counts,
+            aux_loss=self.aux_loss.detach(), z_loss=self.z_loss.detach(),
+            expert_choice=self.expert_choice,
+        )
+
+
+def expert_capacity(
+    num_tokens: int, num_experts: int, capacity_factor: float, k: int = 1, min_capacity: int = 4
+) -> int:
+    """Slots per expert: C = max(ceil(S / E · cf · k), min_capacity).
+
+    DeepSpeed evaluates ``ceil((S / E) * cf)`` on a float32 tensor (``_capacity``); doing the same
+    float32 arithmetic here keeps C identical at the rounding edges (e.g. S/E · cf = 4.0000001).
+    """
+    scaled = np.float32(num_tokens / num_experts) * np.float32(capacity_factor * k)
+    return max(int(math.ceil(scaled)), int(min_capacity))
+
+
+def _gumbel(shape, *, like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Standard Gumbel(0, 1) noise, -log(-log U)."""
+    tiny = torch.finfo(like.dtype).tiny
+    uniform = torch.rand(shape, dtype=like.dtype, device=like.device, generator=generator)
+    return -torch.log(-torch.log(uniform.clamp(min=tiny)).clamp(min=tiny))
+
+
+def _check_route_args(logits, k, capacity_factor, min_capacity, noisy_gate_policy, drop_policy,
+                      choice, selection_bias) -> None:
+    if not isinstance(logits, Tensor) or logits.dim() != 2:
+        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(f"logits must be a 2-D tensor [tokens, experts]; got {shape}")
+    num_tokens, num_experts = logits.shape
+    if num_tokens < 1 or num_experts < 1:
+        raise ValueError(f"logits must hold at least one token and one expert; got shape "
+                         f"{tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be floating point; got {logits.dtype}")
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError("logits contain NaN or Inf: check the router input and learning rate "
+                         "(routing needs finite gate logits)")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts:
+        raise ValueError(f"k must be an integer in [1, num_experts={num_experts}]; got {k!r}")
+    if not (isinstance(capacity_factor, (int, float)) and math.isfinite(capacity_factor)
+            and capacity_factor > 0):
+        raise ValueError(f"capacity_factor must be a finite number > 0; got {capacity_factor!r}")
+    if isinstance(min_capacity, bool) or not isinstance(min_capacity, int) or min_capacity < 0:
+        raise ValueError(f"min_capacity must be an integer >= 0; got {min_capacity!r}")
+    if noisy_gate_policy not in NOISE_POLICIES:
+        raise ValueError(f"noisy_gate_policy must be one of {NOISE_POLICIES}; "
+                         f"got {noisy_gate_policy!r}")
+    if noisy_gate_policy == "RSample" and k != 1:
+        raise ValueError("noisy_gate_policy='RSample' applies to top-1 routing only (as in "
+                         f"DeepSpeed); got k={k}. For k=2 use second_expert_sampling=True.")
+    if drop_policy not in DROP_POLICIES:
+        raise ValueError(f"drop_policy must be one of {DROP_POLICIES}; got {drop_policy!r}")
+    if choice not in CHOICES:
+        raise ValueError(f"choice must be one of {CHOICES}; got {choice!r}")
+    if selection_bias is not None and tuple(selection_bias.shape) != (num_experts,):
+        raise ValueError(f"selection_bias must have shape [num_experts]=({num_experts},); "
+                         f"got {tuple(selection_bias.shape)}")
+
+
+def _rank_within_expert(expert: Tensor, num_experts: int) -> Tensor:
+    """[R] -> [R]: the rank of each route among the routes of its expert, in the given order.
+
+    expert == num_experts marks routes that take no rank (they get ranks in an ignored group).
+    This is the per-expert prefix count (DeepSpeed's ``cumsum(mask) - 1``) done with one stable
+    sort instead of an [R, E] one-hot.
+    """
+    order = torch.argsort(expert, stable=True)  # routes grouped by expert, original order inside
+    counts = torch.bincount(expert, minlength=num_experts + 1)  # [E + 1]
+    starts = torch.cumsum(counts, 0) - counts  # [E + 1]: first sorted position of each expert
+    rank = torch.empty_like(expert)
+    rank[order] = torch.arange(expert.numel(), device=expert.device) - starts[expert[order]]
+    return rank
+
+
+def route(
+    logits: Tensor,
+    *,
+    k: int = 1,
+    capacity_factor: float = 1.0,
+    min_capacity: int = 4,
+    drop_tokens: bool = True,
+    use_rts: bool = True,
+    noisy_gate_policy: str | None = None,
+    second_expert_sampling: bool = True,
+    drop_policy: str = "position",
+    training: bool = True,
+    generator: torch.Generator | None = None,
+    choice: str = "token",
+    selection_bias: Tensor | None = None,
+) -> Routing:
+    """Route S tokens over E experts from gate logits [S, E]; the paper's defaults throughout.
+
+    Args:
+        k: experts per token (top-k). k=1 and k=2 follow DeepSpeed's top1gating/top2gating,
+            k>2 its topkgating.
+        capacity_factor: C = max(ceil(S/E · capacity_factor · k), min_capacity) slots per expert.
+        drop_tokens: False = dropless (``capacity=None``): every route is kept. Capacity is then
+            never a number that ranks must agree on (DeepSpeed all-reduces a max capacity, and
+            ranks that disagree hang its all-to-all: DeepSpeed #6809).
+        use_rts: Random Token Selection (Kim et al. 2021, on by default in DeepSpeed): top-1
+            routes compete for capacity with a random priority instead of by position.
+        noisy_gate_policy: None, "Jitter" (multiplies the *router input* by U(1-ε, 1+ε); the
+            Router applies it, ``route`` sees the resulting logits) or "RSample" (Gumbel noise on
+            the top-1 choice only; the combine weight stays the clean probability). Training only.
+        second_expert_sampling: top-2 picks the second expert from logits + Gumbel noise
+            (GShard). Training only; see below.
+        drop_policy: which routes keep their slot when an expert is over capacity: "position"
+            (earlier tokens first; for top-2, every first choice before any second choice) or
+            "probs" (the highest router probabilities first).
+        training: noise, RTS and second-expert sampling happen only when True.
+        generator: a torch.Generator for every random draw, for reproducible routing.
+        choice: "token" (tokens choose experts) or "expert": expert-choice routing (Zhou et al.
+            2022, "Mixture-of-Experts with Expert Choice Routing"): every expert takes its top-C
+            tokens by router probability, so load is balanced by construction and a token may be
+            taken by any number of experts (including none).
+        selection_bias: [E] added to the logits *for choosing experts only*; the combine weights
+            stay the unbiased probabilities. This is DeepSeek-V3's auxiliary-loss-free load
+            balancing (Liu et al. 2024, §2.1.2), whose bias the Router updates from the load.
+            DeepSeek-V3 adds it to sigmoid affinities; moelab's router is a softmax, so it is
+            added to the logits, which orders each token's experts the same way.
+
+    Returns:
+        Routing with the mapping table, router probabilities, counts, aux loss and z-loss.
+    """
+    if noisy_gate_policy == "None":  # DeepSpeed accepts the string "None" too
+        noisy_gate_policy = None
+    _check_route_args(logits, k, capacity_factor, min_capacity, noisy_gate_policy, drop_policy,
+                      choice, selection_bias)
+    # DeepSpeed routes in float32 whatever the model dtype ("everything is in fp32").
+    logits = logits.float()
+    num_tokens, num_experts = logits.shape
+
+    # probs = softmax(x · W_g) over experts                                     [S, E]
+    probs = torch.softmax(logits, dim=-1)
+    # ST-MoE router z-loss (Zoph et al. 2022, eq. 5): L_z = mean_s (logsumexp_e logits[s, e])^2
+    z_loss = torch.logsumexp(logits, dim=-1).square().mean()
+
+    if choice == "expert":
+        return _expert_choice(logits, probs, z_loss, k, capacity_factor, min_capacity)
+
+    choice_scores = logits.detach()
+    if selection_bias is not None:
+        choice_scores = choice_scores + selection_bias.to(choice_scores)
+
+    # ---- choose k experts per token ------------------------------------------------ [S, k]
+    if k == 1:
+        if noisy_gate_policy == "RSample" and training:
+            # RSample: argmax(logits + Gumbel) picks the expert; the gate value stays clean.
+            first = torch.argmax(choice_scores + _gumbel(logits.shape, like=logits,
+                                                         generator=generator), dim=-1)
+        else:
+            # DeepSpeed takes argmax(gates); argmax(logits) is the same choice.
+            first = torch.argmax(probs if selection_bias is None else choice_scores, dim=-1)
+        expert = first[:, None]
+    elif k == 2:
+        first = torch.argmax(probs if selection_bias is None else choice_scores, dim=-1)
+        second_scores = choice_scores
+        # DeepSpeed: samples the second expert (logits + Gumbel) in eval too, so its eval loss is
+        # random (DeepSpeed PR #8620). moelab samples only while training.
+        if second_expert_sampling and training:
+            second_scores = second_scores + _gumbel(logits.shape, like=logits, generator=generator)
+        second_scores = second_scores.scatter(1, first[:, None], float("-inf"))
+        second = torch.argmax(second_scores, dim=-1)
+        expert = torch.stack([first, second], dim=1)
+    else:
+        expert = torch.topk(choice_scores, k, dim=-1).indices
+
+    # counts = sum_s mask[s, e], before dropping (DeepSpeed's exp_counts)             [E]
+    counts = torch.bincount(expert.reshape(-1), minlength=num_experts)
+
+    # ---- load-balancing loss, DeepSpeed's formula for each k (computed before dropping) -----
+    # me_e = mean_s probs[s, e];  ce_e = fraction of tokens whose choice(s) went to e
+    me = probs.mean(dim=0)  # [E]
+    if k <= 2:
+        # top-1: l_aux = E · sum_e me_e · ce_e; top-2 uses the first choice only and writes it
+        # as E² · mean_e(me_e · ce_e), the same number (Switch Transformer eq. 4 / GShard).
+        ce = torch.bincount(expert[:, 0], minlength=num_experts).float() / num_tokens
+        aux_loss = (me * ce).sum() * num_experts if k == 1 else \
+            (me * ce).mean() * num_experts * num_experts
+    else:
+        # top-k (k > 2): l_aux = E² / k · mean_e(me_e · ce_e), ce over all k choices.
+        ce = counts.float() / num_tokens
+        aux_loss = (me * ce).mean() * num_experts * num_experts / k
+
+    # ---- capacity and dropping ------------------------------------------------------------
+    # Route order: the order in which routes take slots. top-2 gives every first choice a slot
+    # before any second choice (DeepSpeed: locations2 += sum(mask1)); top-1 and top-k>2 go by
+    # token position (DeepSpeed's topkgating cumsums the k-hot mask over tokens).
+    if k == 2:
+        route_order = expert.t()  # [k, S]: choice-major
+    else:
+        route_order = expert  # [S, k]: token-major
+    flat_expert = route_order.reshape(-1)  # [R] with R = S·k, in route order
+
+    if not drop_tokens:
+        capacity = None
+        kept = torch.ones_like(flat_expert, dtype=torch.bool)
+    else:
+        capacity = expert_capacity(num_tokens, num_experts, capacity_factor, k, min_capacity)
+        if k == 1 and use_rts and training:
+            # RTS: each routed token draws a random priority; per expert the top-C draws keep
+            # their slot (DeepSpeed: topk(mask1 * U(0, 1), C, dim=0)).
+            # DeepSpeed: applies RTS in eval too, so eval routing is random whenever an expert
+            # overflows. moelab uses RTS only while training, keeping eval deterministic.
+            priority = torch.rand(flat_expert.shape, device=logits.device, generator=generator)
+        elif drop_policy == "probs":
+            # DeepSpeed: topkgating's 'probs' ranks *raw logits* scattered into zeros, so tokens
+            # with negative logits lose their slots to tokens that never chose the expert.
+            # moelab ranks the chosen routes by their router probability.
+            chosen_probs = probs.detach().gather(1, expert)  # [S, k]
+            priority = (chosen_probs.t() if k == 2 else chosen_probs).reshape(-1)
+        else:
+            # "position": the route order itself. DeepSpeed: top-1 without RTS keeps by
+            # torch.topk order over a 0/1 mask, which is not guaranteed to be position order;
+            # moelab keeps the earliest tokens, as the drop policy says.
+            priority = None
+        if priority is None:
+            rank = _rank_within_expert(flat_expert, num_experts)
+        else:
+            # Sort by descending priority (stable, so ties keep route order), then rank by expert.
+            by_priority = torch.argsort(priority, descending=True, stable=True)
+            rank = torch.empty_like(flat_expert)
+            rank[by_priority] = _rank_within_expert(flat_expert[by_priority], num_experts)
+        kept = rank < capacity
+
+    # Slots: kept routes are numbered 0, 1, ... per expert in route order (DeepSpeed's
+    # cumsum(mask) - 1 over the kept mask), so every buffer is filled from its first row.
+    ranked_expert = torch.where(kept, flat_expert, torch.full_like(flat_expert, num_experts))
+    flat_slot = torch.where(kept, _rank_within_expert(ranked_expert, num_experts),
+                            torch.full_like(flat_expert, -1))
+    slot = flat_slot.view(k, num_tokens).t() if k == 2 else flat_slot.view(num_tokens, k)
+    kept_sk = slot >= 0  # [S, k]
+
+    # ---- combine weights ------------------------------------------------------------------
+    gate = probs.gather(1, expert) * kept_sk  # [S, k]: the router probability of each kept route
+    if k == 1:
+        # top-1: the raw softmax probability, not renormalised (Switch / DeepSpeed).
+        weight = gate
+    else:
+        # top-k: renormalised over the kept routes, g_j / max(sum_j g_j, eps) (DeepSpeed).
+        denom = gate.sum(dim=1, keepdim=True).clamp(min=torch.finfo(gate.dtype).eps)
+        weight = gate / denom
+
+    return Routing(expert=expert, weight=weight, slot=slot, capacity=capacity, probs=probs,
+                   counts=counts, aux_loss=aux_loss, z_loss=z_loss)
+
+
+def _expert_choice(logits: Tensor, probs: Tensor, z_loss: Tensor, k: int,
+                   capacity_factor: float, min_capacity: int) -> Routing:
+    """Expert-choice routing (Zhou et al. 2022): expert e takes the C tokens with the highest
+    probs[:, e]; C = min(S, max(ceil(S/E · cf · k), min_capacity)), so k is the average number of
+    experts per token. The combine weight is probs[s, e], unnormalised, as in the paper."""
+    num_tokens, num_experts = probs.shape
+    capacity = min(num_tokens, expert_capacity(num_tokens, num_experts, capacity_factor, k,
+                                               min_capacity))
+    picked_tokens = torch.topk(probs.detach(), capacity, dim=0).indices  # [C, E]
+    picked = torch.zeros_like(probs, dtype=torch.bool)
+    picked.scatter_(0, picked_tokens, True)  # [S, E]
+    # Slots in token order inside each expert's buffer, like token-choice routing.
+    slot = torch.where(picked, torch.cumsum(picked.long(), dim=0) - 1,
+                       torch.full_like(picked, -1, dtype=torch.long))
+    expert = torch.arange(num_experts, device=probs.device).expand(num_tokens, -1).contiguous()
+    counts = torch.full((num_experts,), capacity, dtype=torch.long, device=probs.device)
+    return Routing(expert=expert, weight=probs * picked, slot=slot, capacity=capacity,
+                   probs=probs, counts=counts, aux_loss=logits.new_zeros(()), z_loss=z_loss,
+                   expert_choice=True)
+
+
+class Router(nn.Module):
+    """The gate: a bias-free linear map d_model -> num_experts, then `route`.
+
+    Holds the options of `route` (see there) and picks the capacity factor by mode:
+    ``capacity_factor`` while training, ``eval_capacity_factor`` in eval (DeepSpeed's pair, both
+    1.0 by default). The gate runs in float32 whatever the input dtype, as in DeepSpeed.
+
+    Auxiliary-loss-free balancing (DeepSeek-V3, Liu et al. 2024, §2.1.2): with
+    ``bias_update_rate > 0`` the router keeps a per-expert ``selection_bias`` that only affects
+    which experts are chosen; after each training step's routing it moves every expert's bias by
+    ``rate · sign(mean load - load)``, so overloaded experts are chosen less. Off by default.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        *,
+        k: int = 1,
+        capacity_factor: float = 1.0,
+        eval_capacity_factor: float | None = None,
+        min_capacity: int = 4,
+        drop_tokens: bool = True,
+        use_rts: bool = True,
+        noisy_gate_policy: str | None = None,
+        second_expert_sampling: bool = True,
+        drop_policy: str = "position",
+        choice: str = "token",
+        bias_update_rate: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("d_model", d_model), ("num_experts", num_experts)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+        if not (math.isfinite(bias_update_rate) and bias_update_rate >= 0):
+            raise ValueError(f"bias_update_rate must be a finite number >= 0; "
+                             f"got {bias_update_rate!r}")
+        self.d_model, self.num_experts = d_model, num_experts
+        self.options = dict(k=k, min_capacity=min_capacity, drop_tokens=drop_tokens,
+                            use_rts=use_rts, noisy_gate_policy=noisy_gate_policy,
+                            second_expert_sampling=second_expert_sampling,
+                            drop_policy=drop_policy, choice=choice)
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = (capacity_factor if eval_capacity_factor is None
+                                     else eval_capacity_factor)
+        self.bias_update_rate = bias_update_rate
+        self.generator = generator
+        # Validate every option now, on a dummy routing, so a bad option fails at construction.
+        for cf in (self.capacity_factor, self.eval_capacity_factor):
+            _check_route_args(torch.zeros(1, num_experts), k, cf, min_capacity,
+                              None if noisy_gate_policy == "None" else noisy_gate_policy,
+                              drop_policy, choice, None)
+        # The gate weight W_g [E, d] (nn.Linear(d, E, bias=False) layout and init).
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        self.register_buffer("selection_bias", torch.zeros(num_experts),
+                             persistent=bias_update_rate > 0)
+
+    @property
+    def k(self) -> int:
+        return self.options["k"]
+
+    def logits(self, x: Tensor) -> Tensor:
+        """[S, d] -> [S, E] float32 gate logits (with Jitter noise while training)."""
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"router input's last dim must be d_model={self.d_model}; "
+                             f"got shape {tuple(x.shape)}")
+        x = x.float()
+        if self.options["noisy_gate_policy"] == "Jitter" and self.training:
+            # Jitter: x * U(1 - ε, 1 + ε), ε = 1e-2 (Switch Transformer; DeepSpeed).
+            noise = torch.rand(x.shape, device=x.device, generator=self.generator)
+            x = x * (1 - JITTER_EPS + 2 * JITTER_EPS * noise)
+        return F.linear(x, self.weight.float())
+
+    def forward(self, x: Tensor) -> Routing:
+        """[S, d] -> Routing."""
+        policy = self.options["noisy_gate_policy"]
+        routing = route(
+            self.logits(x),
+            capacity_factor=self.capacity_factor if self.training else self.eval_capacity_factor,
+            training=self.training,
+            generator=self.generator,
+            selection_bias=self.selection_bias if self.bias_update_rate > 0 else None,
+            **{**self.options, "noisy_gate_policy": None if policy == "Jitter" else policy},
+        )
+        if self.bias_update_rate > 0 and self.training:
+            self.update_selection_bias(routing.counts)
+        return routing
+
+    @torch.no_grad()
+    def update_selection_bias(self, counts: Tensor) -> None:
+        """DeepSeek-V3: b_e += γ · sign(mean load - load_e)."""
+        counts = counts.float()
+        self.selection_bias += self.bias_update_rate * torch.sign(counts.mean() - counts)
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, num_experts={self.num_experts}, k={self.k}"
