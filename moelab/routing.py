@@ -113,7 +113,7 @@ def _gumbel(shape, *, like: Tensor, generator: torch.Generator | None) -> Tensor
     """Standard Gumbel(0, 1) noise, -log(-log U)."""
     tiny = torch.finfo(like.dtype).tiny
     uniform = torch.rand(shape, dtype=like.dtype, device=like.device, generator=generator)
-    return -torch.log(-torch.log(uniform.clamp(min=tiny)).clamp(min=tiny))
+    return -torch.log((-torch.log(uniform.clamp(min=tiny))).clamp(min=tiny))
 
 
 def _check_route_args(logits, k, capacity_factor, min_capacity, noisy_gate_policy, drop_policy,
@@ -221,8 +221,9 @@ def route(
         noisy_gate_policy = None
     _check_route_args(logits, k, capacity_factor, min_capacity, noisy_gate_policy, drop_policy,
                       choice, selection_bias)
-    # DeepSpeed routes in float32 whatever the model dtype ("everything is in fp32").
-    logits = logits.float()
+    # DeepSpeed routes in float32 whatever the model dtype ("everything is in fp32"); moelab
+    # routes in at least float32 (float64 stays float64, for gradcheck and references).
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     num_tokens, num_experts = logits.shape
 
     # probs = softmax(x · W_g) over experts                                     [S, E]
@@ -269,12 +270,12 @@ def route(
     if k <= 2:
         # top-1: l_aux = E · sum_e me_e · ce_e; top-2 uses the first choice only and writes it
         # as E² · mean_e(me_e · ce_e), the same number (Switch Transformer eq. 4 / GShard).
-        ce = torch.bincount(expert[:, 0], minlength=num_experts).float() / num_tokens
+        ce = torch.bincount(expert[:, 0], minlength=num_experts).to(probs.dtype) / num_tokens
         aux_loss = (me * ce).sum() * num_experts if k == 1 else \
             (me * ce).mean() * num_experts * num_experts
     else:
         # top-k (k > 2): l_aux = E² / k · mean_e(me_e · ce_e), ce over all k choices.
-        ce = counts.float() / num_tokens
+        ce = counts.to(probs.dtype) / num_tokens
         aux_loss = (me * ce).mean() * num_experts * num_experts / k
 
     # ---- capacity and dropping ------------------------------------------------------------
@@ -366,7 +367,8 @@ class Router(nn.Module):
 
     Holds the options of `route` (see there) and picks the capacity factor by mode:
     ``capacity_factor`` while training, ``eval_capacity_factor`` in eval (DeepSpeed's pair, both
-    1.0 by default). The gate runs in float32 whatever the input dtype, as in DeepSpeed.
+    1.0 by default). The gate runs in float32 for half-precision inputs, as in DeepSpeed
+    (float64 stays float64).
 
     Auxiliary-loss-free balancing (DeepSeek-V3, Liu et al. 2024, §2.1.2): with
     ``bias_update_rate > 0`` the router keeps a per-expert ``selection_bias`` that only affects
@@ -425,16 +427,16 @@ class Router(nn.Module):
         return self.options["k"]
 
     def logits(self, x: Tensor) -> Tensor:
-        """[S, d] -> [S, E] float32 gate logits (with Jitter noise while training)."""
+        """[S, d] -> [S, E] gate logits in at least float32 (Jitter noise while training)."""
         if x.shape[-1] != self.d_model:
             raise ValueError(f"router input's last dim must be d_model={self.d_model}; "
                              f"got shape {tuple(x.shape)}")
-        x = x.float()
+        x = x.to(torch.promote_types(x.dtype, torch.float32))  # fp16/bf16 route in fp32
         if self.options["noisy_gate_policy"] == "Jitter" and self.training:
             # Jitter: x * U(1 - ε, 1 + ε), ε = 1e-2 (Switch Transformer; DeepSpeed).
             noise = torch.rand(x.shape, device=x.device, generator=self.generator)
             x = x * (1 - JITTER_EPS + 2 * JITTER_EPS * noise)
-        return F.linear(x, self.weight.float())
+        return F.linear(x, self.weight.to(x.dtype))
 
     def forward(self, x: Tensor) -> Routing:
         """[S, d] -> Routing."""

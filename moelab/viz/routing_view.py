@@ -1,0 +1,531 @@
+"""RoutingView: one Routing drawn for a learner, and re-routed live from a panel of controls.
+
+Three layers, each usable alone:
+
+- `routing_table(routing, tokens)`: the Routing as plain numpy arrays (what the figure draws),
+  testable without plotly or widgets;
+- `routing_figure(routing, tokens)`: a static plotly figure of it: a token × expert heatmap of
+  router probabilities with the kept (●, ◆ for second choices) and dropped (✕) routes on top, and
+  per-expert load bars (kept, dropped stacked above) against the capacity line;
+- `RoutingView`: that figure as a ``go.FigureWidget`` plus ipywidgets controls that call
+  `moelab.route` again on the *same* tokens (fixed logits, or a Router and its input x).
+
+The view only reads Routing fields; it never changes the router or the logits it was given.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+
+import ipywidgets as widgets
+import numpy as np
+import plotly.graph_objects as go
+import torch
+import torch.nn.functional as F
+from plotly.subplots import make_subplots
+from torch import Tensor
+
+from ..routing import JITTER_EPS, Router, Routing, route
+
+MAX_TOKENS = 64  # heatmap rows; more tokens than this are routed and counted, but not drawn
+
+# Colours: a sequential scale for probabilities; kept routes white-filled markers with a dark
+# rim (visible on pale and dark cells alike); dropped routes a red cross, the same red as the
+# dropped part of the load bars.
+PROB_COLORSCALE = "Blues"
+KEPT_COLOR = "#2f5f98"
+DROPPED_COLOR = "#d62728"
+CAPACITY_COLOR = "#222222"
+CHOICE_SYMBOLS = ("circle", "diamond", "square", "triangle-up", "pentagon", "hexagon", "star")
+
+# The options RoutingView.set_options accepts: `moelab.route`'s keyword arguments that a view
+# can vary, plus the seed of the generator that every random draw uses.
+ROUTE_OPTIONS = ("k", "capacity_factor", "min_capacity", "drop_tokens", "use_rts",
+                 "noisy_gate_policy", "second_expert_sampling", "drop_policy", "training",
+                 "choice")
+VIEW_OPTIONS = (*ROUTE_OPTIONS, "seed")
+
+
+# ------------------------------------------------------------------------------------- data
+
+def token_labels(tokens: str | Sequence | None, num_tokens: int) -> list[str]:
+    """Printable row labels: characters or words as given (whitespace made visible), else the
+    token's index."""
+    if tokens is None:
+        return [str(i) for i in range(num_tokens)]
+    labels = list(tokens)
+    if len(labels) != num_tokens:
+        raise ValueError(f"tokens must give one label per routed token ({num_tokens}); "
+                         f"got {len(labels)}")
+    visible = {" ": "␣", "\n": "↵", "\t": "⇥", "": "∅"}
+    out = []
+    for label in labels:
+        text = str(label)
+        text = visible.get(text, text.replace("\n", "↵").replace("\t", "⇥"))
+        out.append(text if len(text) <= 14 else text[:13] + "…")
+    return out
+
+
+def routing_table(routing: Routing, tokens: str | Sequence | None = None,
+                  max_tokens: int = MAX_TOKENS) -> dict:
+    """The arrays a routing figure needs, as numpy (no widgets, no plotly).
+
+    Keys:
+        labels [shown] str, probs [shown, E]: heatmap rows (the first ``shown`` tokens).
+        kept_token / kept_expert / kept_choice / kept_slot / kept_weight: one entry per kept
+            route among the shown tokens (choice j is the token's j-th pick; for expert choice
+            it is the expert's column and says nothing about preference).
+        dropped_token / dropped_expert / dropped_choice: the same for dropped routes.
+        load [E]: routes each expert processes (all tokens); dropped [E]: routes it was asked
+            for but had no slot for; counts [E]: asked for, before dropping (= load + dropped
+            for token choice).
+        capacity (int or None), num_tokens, num_experts, k, shown, truncated, drop_fraction,
+        aux_loss, z_loss, expert_choice, unpicked (tokens no expert took, expert choice only).
+    """
+    num_tokens, num_experts, k = routing.num_tokens, routing.num_experts, routing.k
+    shown = min(num_tokens, max_tokens)
+    expert = routing.expert.detach().cpu().numpy()  # [S, k]
+    slot = routing.slot.detach().cpu().numpy()  # [S, k]
+    weight = routing.weight.detach().float().cpu().numpy()  # [S, k]
+    probs = routing.probs.detach().float().cpu().numpy()  # [S, E]
+    kept = slot >= 0
+    # With expert choice every (token, expert) cell is a column of the table; an unpicked cell
+    # is not a request that was refused, so nothing counts as dropped.
+    dropped = np.zeros_like(kept) if routing.expert_choice else ~kept
+    token = np.broadcast_to(np.arange(num_tokens)[:, None], expert.shape)
+    choice = np.broadcast_to(np.arange(k)[None, :], expert.shape)
+    in_view = token < shown
+    keep_shown, drop_shown = kept & in_view, dropped & in_view
+    return dict(
+        labels=np.array(token_labels(tokens, num_tokens)[:shown], dtype=object),
+        probs=probs[:shown],
+        kept_token=token[keep_shown], kept_expert=expert[keep_shown],
+        kept_choice=choice[keep_shown], kept_slot=slot[keep_shown],
+        kept_weight=weight[keep_shown],
+        dropped_token=token[drop_shown], dropped_expert=expert[drop_shown],
+        dropped_choice=choice[drop_shown],
+        load=np.bincount(expert[kept], minlength=num_experts),
+        dropped=np.bincount(expert[dropped], minlength=num_experts),
+        counts=routing.counts.detach().cpu().numpy(),
+        capacity=routing.capacity,
+        num_tokens=num_tokens, num_experts=num_experts, k=k,
+        shown=shown, truncated=shown < num_tokens,
+        drop_fraction=routing.drop_fraction,
+        aux_loss=float(routing.aux_loss.detach()), z_loss=float(routing.z_loss.detach()),
+        expert_choice=routing.expert_choice,
+        unpicked=int((~kept.any(axis=1)).sum()) if routing.expert_choice else 0,
+    )
+
+
+def _ordinal(j: int) -> str:
+    return {1: "1st", 2: "2nd", 3: "3rd"}.get(j, f"{j}th")
+
+
+def _hover_text(table: dict) -> np.ndarray:
+    """[shown, E] hover strings: token, expert, probability and what happened to the route."""
+    shown, num_experts = table["probs"].shape
+    status = np.full((shown, num_experts), "not chosen", dtype=object)
+    for s, e, j, c, w in zip(table["kept_token"], table["kept_expert"], table["kept_choice"],
+                             table["kept_slot"], table["kept_weight"], strict=True):
+        who = "picked by this expert" if table["expert_choice"] else f"{_ordinal(j + 1)} choice"
+        status[s, e] = f"{who}: kept in slot {c}, combine weight {w:.3f}"
+    for s, e, j in zip(table["dropped_token"], table["dropped_expert"], table["dropped_choice"],
+                       strict=True):
+        status[s, e] = f"{_ordinal(j + 1)} choice: DROPPED (expert full), weight 0"
+    if table["expert_choice"]:
+        status[status == "not chosen"] = "not picked by this expert"
+    text = np.empty((shown, num_experts), dtype=object)
+    for s in range(shown):
+        for e in range(num_experts):
+            text[s, e] = (f"token {s} '{table['labels'][s]}' → expert {e}<br>"
+                          f"router probability {table['probs'][s, e]:.3f}<br>{status[s, e]}")
+    return text
+
+
+def _title(table: dict) -> str:
+    cap = table["capacity"]
+    asked = int(table["counts"].sum())
+    if table["expert_choice"]:
+        what = (f"expert choice: each expert takes its top C = {cap} tokens · "
+                f"{table['unpicked']}/{table['num_tokens']} tokens picked by no expert")
+    elif cap is None:
+        what = f"dropless (no capacity) · all {asked} routes kept"
+    else:
+        dropped = int(table["dropped"].sum())
+        what = (f"capacity C = {cap} slots per expert · {dropped}/{asked} routes dropped "
+                f"({100 * table['drop_fraction']:.1f}%)")
+    shown = (f" (heatmap: first {table['shown']} tokens)" if table["truncated"] else "")
+    routing = "expert-choice" if table["expert_choice"] else f"top-{table['k']}"
+    return (f"<b>Where each token goes</b>: {routing} routing of {table['num_tokens']} tokens "
+            f"over {table['num_experts']} experts{shown}"
+            f"<br><span style='font-size:13px'>{what}</span>")
+
+
+def _capacity_line(table: dict) -> tuple[list, list, str]:
+    cap, num_experts = table["capacity"], table["num_experts"]
+    if cap is None:
+        return [], [], "capacity: none (dropless)"
+    return [-0.5, num_experts - 0.5], [cap, cap], f"capacity C = {cap}"
+
+
+def _figure_height(shown: int) -> int:
+    return int(min(1040, max(480, 220 + 12.5 * shown)))
+
+
+def routing_figure(routing: Routing, tokens: str | Sequence | None = None,
+                   max_tokens: int = MAX_TOKENS) -> go.Figure:
+    """A static plotly figure of one Routing (the figure RoutingView keeps live)."""
+    return _figure_from_table(routing_table(routing, tokens, max_tokens))
+
+
+def _figure_from_table(table: dict) -> go.Figure:
+    num_experts = table["num_experts"]
+    experts = np.arange(num_experts)
+    fig = make_subplots(
+        rows=1, cols=2, column_widths=[0.56, 0.44], horizontal_spacing=0.16,
+        subplot_titles=("router probability per token (row) and expert (column)",
+                        "routes per expert: kept, dropped, capacity"),
+    )
+    fig.add_trace(go.Heatmap(
+        name="router probability", colorscale=PROB_COLORSCALE, zmin=0.0,
+        colorbar=dict(title=dict(text="router<br>probability", side="top"), x=0.47,
+                      thickness=12, len=0.75, y=0.5),
+        xgap=1, ygap=1, hovertemplate="%{text}<extra></extra>",
+    ), row=1, col=1)
+    fig.add_trace(go.Scatter(
+        name="kept route (● 1st choice, ◆ 2nd)", mode="markers", hoverinfo="skip",
+        marker=dict(color="white", size=9, line=dict(color="#111111", width=1.5)),
+    ), row=1, col=1)
+    fig.add_trace(go.Scatter(
+        name="dropped route (expert over capacity)", mode="markers", hoverinfo="skip",
+        marker=dict(symbol="x", color=DROPPED_COLOR, size=11, line=dict(color="white", width=1)),
+    ), row=1, col=1)
+    fig.add_trace(go.Bar(name="kept routes (processed)", x=experts, marker_color=KEPT_COLOR,
+                         hovertemplate="expert %{x}: %{y} kept<extra></extra>"), row=1, col=2)
+    fig.add_trace(go.Bar(name="dropped routes", x=experts, marker_color=DROPPED_COLOR,
+                         hovertemplate="expert %{x}: %{y} dropped<extra></extra>"), row=1, col=2)
+    fig.add_trace(go.Scatter(name="capacity", mode="lines", hoverinfo="name",
+                             line=dict(color=CAPACITY_COLOR, width=2, dash="dash")),
+                  row=1, col=2)
+    tick = dict(tickmode="array", tickvals=experts, ticktext=[str(e) for e in experts])
+    fig.update_xaxes(title_text="expert", side="bottom", range=[-0.5, num_experts - 0.5],
+                     **tick, row=1, col=1)
+    fig.update_yaxes(title_text="token", autorange="reversed", tickmode="array",
+                     tickfont=dict(size=10, family="DejaVu Sans Mono, monospace"), row=1, col=1)
+    fig.update_xaxes(title_text="expert", range=[-0.5, num_experts - 0.5], **tick, row=1, col=2)
+    fig.update_yaxes(title_text="routes (token, choice) per expert", rangemode="tozero",
+                     row=1, col=2)
+    fig.update_layout(
+        barmode="stack", template="plotly_white", height=_figure_height(table["shown"]),
+        margin=dict(l=70, r=30, t=110, b=95), font=dict(size=12),
+        legend=dict(orientation="h", x=0.0, xanchor="left", yref="container", y=0.0,
+                    yanchor="bottom", font=dict(size=11), traceorder="normal"),
+        hovermode="closest",
+    )
+    _update_figure(fig, table)
+    return fig
+
+
+def _update_figure(fig: go.Figure, table: dict) -> None:
+    """Copy one routing_table into the six traces and the titles of a routing figure."""
+    heatmap, kept, dropped, kept_bars, dropped_bars, capacity = fig.data
+    shown = table["shown"]
+    rows = np.arange(shown)
+    heatmap.update(z=table["probs"], x=np.arange(table["num_experts"]), y=rows,
+                   text=_hover_text(table), zmax=max(float(table["probs"].max()), 1e-6))
+    symbols = [CHOICE_SYMBOLS[min(j, len(CHOICE_SYMBOLS) - 1)] for j in table["kept_choice"]]
+    if table["expert_choice"]:
+        symbols = ["circle"] * len(symbols)
+    kept.update(x=table["kept_expert"], y=table["kept_token"], marker_symbol=symbols,
+                name="picked (expert choice)" if table["expert_choice"] else
+                ("kept route (● 1st choice, ◆ 2nd)" if table["k"] > 1 else "kept route"))
+    dropped.update(x=table["dropped_expert"], y=table["dropped_token"])
+    kept_bars.update(y=table["load"])
+    dropped_bars.update(y=table["dropped"])
+    line_x, line_y, line_name = _capacity_line(table)
+    capacity.update(x=line_x, y=line_y, name=line_name, visible=table["capacity"] is not None)
+    fig.update_yaxes(tickvals=rows, ticktext=list(table["labels"]), range=[shown - 0.5, -0.5],
+                     autorange=False, row=1, col=1)
+    top = max(int((table["load"] + table["dropped"]).max()), table["capacity"] or 0, 1)
+    fig.update_yaxes(range=[0, top * 1.12], autorange=False, row=1, col=2)
+    fig.update_layout(title=dict(text=_title(table), x=0.01, xanchor="left", yref="container",
+                                 y=1.0, yanchor="top", pad=dict(t=14)))
+
+
+# ------------------------------------------------------------------------------------ view
+
+def _summary_html(table: dict, options: dict) -> str:
+    cap = table["capacity"]
+    if table["expert_choice"]:
+        cap_text = f"{cap} tokens per expert (expert choice)"
+    elif cap is None:
+        cap_text = "none: dropless, every route kept"
+    else:
+        cap_text = (f"{cap} = max(⌈S/E·cf·k⌉, min) = max(⌈{table['num_tokens']}/"
+                    f"{table['num_experts']}·{options['capacity_factor']:g}·{table['k']}⌉, "
+                    f"{options['min_capacity']})")
+    asked = int(table["counts"].sum())
+    if table["expert_choice"]:
+        drop_text = (f"{table['unpicked']} of {table['num_tokens']} tokens picked by no "
+                     f"expert ({100 * table['drop_fraction']:.1f}%)")
+    else:
+        drop_text = (f"{int(table['dropped'].sum())} of {asked} routes "
+                     f"({100 * table['drop_fraction']:.1f}%)")
+    rows = [
+        ("tokens × experts", f"S = {table['num_tokens']}, E = {table['num_experts']}, "
+                             f"k = {table['k']}"),
+        ("capacity C", cap_text),
+        ("dropped", drop_text),
+        ("aux loss l_aux", f"{table['aux_loss']:.4f} (1 = balanced)"),
+        ("router z-loss", f"{table['z_loss']:.4f}"),
+    ]
+    body = "".join(f"<tr><td style='padding-right:10px;color:#555'>{html.escape(name)}</td>"
+                   f"<td><b>{html.escape(value)}</b></td></tr>" for name, value in rows)
+    return f"<table style='font-size:13px;line-height:1.5'>{body}</table>"
+
+
+def _error_html(message: str) -> str:
+    return ("<div style='color:#a40000;background:#fdecea;border-left:4px solid #d62728;"
+            "padding:6px 10px;font-size:13px;max-width:520px'>"
+            f"<b>These options cannot route</b> (the figure still shows the last valid "
+            f"routing):<br>{html.escape(message)}</div>")
+
+
+class RoutingView:
+    """A live view of one Routing of fixed tokens, with controls that re-route them.
+
+    Build it with `RoutingView.from_logits(logits)` (gate logits [S, E]) or
+    `RoutingView.from_router(router, x)` (a Router, or an MoE layer, and its input [S, d]; only
+    this form can show Jitter, which perturbs the router *input*). Each change of a control
+    calls `set_options`, which runs `moelab.route` with the new options and redraws the figure in
+    one ``batch_update``. Options `route` rejects (RSample with k > 1, say) leave the last valid
+    routing drawn and show route's message in the panel.
+
+    Attributes: ``widget`` (the ipywidgets box to display), ``figure`` (the go.FigureWidget),
+    ``routing`` (the Routing drawn), ``table`` (its `routing_table`), ``options`` (the current
+    route options and seed), ``error`` (the message of the last rejected options, or None).
+    """
+
+    def __init__(self, logits: Tensor, tokens: str | Sequence | None = None, *,
+                 router: Router | None = None, x: Tensor | None = None,
+                 max_tokens: int = MAX_TOKENS, **options) -> None:
+        if not isinstance(logits, Tensor) or logits.dim() != 2:
+            raise ValueError("logits must be a 2-D tensor [tokens, experts]")
+        self._logits = logits.detach().float()
+        self._router, self._x = router, x
+        num_tokens, self.num_experts = self._logits.shape
+        self.tokens = tokens
+        token_labels(tokens, num_tokens)  # validate the length now
+        self.max_tokens = max_tokens
+        self.options = dict(k=1, capacity_factor=1.0, min_capacity=4, drop_tokens=True,
+                            use_rts=True, noisy_gate_policy=None, second_expert_sampling=True,
+                            drop_policy="position", training=True, choice="token", seed=0)
+        self._check_names(options)
+        self.options.update(options)
+        self.routing: Routing | None = None
+        self.table: dict | None = None
+        self.error: str | None = None
+        self._syncing = False
+        self._build_controls()
+        self.refresh()
+        if self.routing is None:  # the initial options cannot route: a caller's mistake
+            raise ValueError(self.error)
+        self.figure = go.FigureWidget(_figure_from_table(self.table))
+        self.widget = widgets.VBox(
+            [widgets.HBox([self._controls, widgets.VBox([self._summary, self._message])],
+                          layout=widgets.Layout(align_items="flex-start", gap="24px")),
+             self.figure])
+
+    # ---- constructors
+
+    @classmethod
+    def from_logits(cls, logits: Tensor, tokens: str | Sequence | None = None,
+                    **options) -> RoutingView:
+        """A view of gate logits [S, E]; ``options`` are `moelab.route` arguments (and seed)."""
+        return cls(logits, tokens, **options)
+
+    @classmethod
+    def from_router(cls, router, x: Tensor, tokens: str | Sequence | None = None,
+                    **options) -> RoutingView:
+        """A view of a Router (or anything with a ``.router``, such as an MoE layer) on input x
+        [..., d]. The controls start at the router's own options and mode; ``options``
+        override them. The router is only read, never changed."""
+        router = getattr(router, "router", router)
+        if not isinstance(router, Router):
+            raise TypeError(f"from_router needs a moelab Router or MoE; got {type(router)}")
+        x = x.detach().reshape(-1, router.d_model).float()
+        defaults = dict(router.options, training=router.training,
+                        capacity_factor=(router.capacity_factor if router.training
+                                         else router.eval_capacity_factor))
+        if defaults["noisy_gate_policy"] == "None":
+            defaults["noisy_gate_policy"] = None
+        with torch.no_grad():
+            logits = F.linear(x, router.weight.float())  # clean gate logits [S, E]
+        return cls(logits, tokens, router=router, x=x, **{**defaults, **options})
+
+    # ---- routing
+
+    @staticmethod
+    def _check_names(options: dict) -> None:
+        unknown = sorted(set(options) - set(VIEW_OPTIONS))
+        if unknown:
+            raise TypeError(f"unknown RoutingView option(s) {unknown}; "
+                            f"valid: {list(VIEW_OPTIONS)}")
+
+    def _route(self) -> Routing:
+        options = dict(self.options)
+        generator = torch.Generator().manual_seed(int(options.pop("seed")))
+        logits = self._logits
+        if options["noisy_gate_policy"] == "Jitter":
+            if self._router is None:
+                raise ValueError("Jitter multiplies the router input x by U(1-ε, 1+ε), and "
+                                 "this view was built from logits only; build it with "
+                                 "RoutingView.from_router(router, x) to see Jitter.")
+            options["noisy_gate_policy"] = None  # applied here, to the input, as Router does
+            if options["training"]:
+                logits = self._jittered_logits(generator)
+        bias = None
+        if self._router is not None and self._router.bias_update_rate > 0:
+            bias = self._router.selection_bias.detach().clone()
+        return route(logits, generator=generator, selection_bias=bias, **options)
+
+    def _jittered_logits(self, generator: torch.Generator) -> Tensor:
+        # Router.logits' Jitter (Switch / DeepSpeed): x · U(1 - ε, 1 + ε), ε = 1e-2, with the
+        # view's own generator so that the seed control resamples it.
+        with torch.no_grad():
+            noise = torch.rand(self._x.shape, generator=generator)
+            jittered = self._x * (1 - JITTER_EPS + 2 * JITTER_EPS * noise)
+            return F.linear(jittered, self._router.weight.float())
+
+    def set_options(self, **options) -> Routing | None:
+        """Re-route the same tokens with new `moelab.route` options (and/or ``seed``); update
+        the controls and redraw. Returns the new Routing, or None when route rejected the
+        options (its message is then in ``error`` and in the panel)."""
+        self._check_names(options)
+        self.options.update(options)
+        self._sync_controls()
+        return self.refresh()
+
+    def refresh(self) -> Routing | None:
+        try:
+            routing = self._route()
+        except ValueError as err:
+            self.error = str(err)
+            self._message.value = _error_html(self.error)
+            self._message.layout.display = None
+            return None
+        self.error = None
+        self._message.value = ""
+        self._message.layout.display = "none"
+        self.routing = routing
+        self.table = routing_table(routing, self.tokens, self.max_tokens)
+        self._summary.value = _summary_html(self.table, self.options)
+        if hasattr(self, "figure"):
+            with self.figure.batch_update():
+                _update_figure(self.figure, self.table)
+        return routing
+
+    # ---- controls
+
+    def _build_controls(self) -> None:
+        style = {"description_width": "118px"}
+        wide = widgets.Layout(width="330px")
+        self._widgets = {
+            "k": widgets.IntSlider(min=1, max=self.num_experts, description="k (experts/token)",
+                                   style=style, layout=wide, continuous_update=False),
+            "capacity_factor": widgets.FloatSlider(
+                min=0.25, max=4.0, step=0.25, description="capacity factor", style=style,
+                layout=wide, continuous_update=False, readout_format=".2f"),
+            "min_capacity": widgets.IntSlider(min=0, max=16, description="min capacity",
+                                              style=style, layout=wide,
+                                              continuous_update=False),
+            "choice": widgets.ToggleButtons(
+                options=[("tokens choose", "token"), ("experts choose", "expert")],
+                description="who chooses", style={**style, "button_width": "100px"}),
+            "noisy_gate_policy": widgets.Dropdown(
+                options=[("None", None),
+                         ("Jitter" if self._router is not None else "Jitter (needs a Router)",
+                          "Jitter"),
+                         ("RSample (k=1 only)", "RSample")],
+                description="noise", style=style, layout=wide),
+            "drop_policy": widgets.ToggleButtons(
+                options=[("by position", "position"), ("by probability", "probs")],
+                description="drop policy", style={**style, "button_width": "100px"}),
+            "use_rts": widgets.Checkbox(description="RTS: random token selection (top-1)",
+                                        indent=False),
+            "dropless": widgets.Checkbox(description="dropless (no capacity)", indent=False),
+            "training": widgets.Checkbox(description="training (noise, RTS, sampling on)",
+                                         indent=False),
+            "seed": widgets.IntText(description="seed", style={"description_width": "40px"},
+                                    layout=widgets.Layout(width="130px")),
+        }
+        self._resample = widgets.Button(description="resample", icon="refresh",
+                                        tooltip="new seed: new noise, RTS and sampling draws",
+                                        layout=widgets.Layout(width="110px"))
+        self._resample.on_click(lambda _: self.set_options(seed=int(self.options["seed"]) + 1))
+        for name, widget in self._widgets.items():
+            widget.observe(lambda change, name=name: self._on_control(name, change["new"]),
+                           names="value")
+        w = self._widgets
+        self._controls = widgets.HBox([
+            widgets.VBox([w["k"], w["capacity_factor"], w["min_capacity"],
+                          w["noisy_gate_policy"]]),
+            widgets.VBox([w["choice"], w["drop_policy"], w["dropless"], w["use_rts"],
+                          w["training"], widgets.HBox([w["seed"], self._resample])]),
+        ], layout=widgets.Layout(gap="16px"))
+        self._summary = widgets.HTML()
+        self._message = widgets.HTML(layout=widgets.Layout(display="none"))
+        self._sync_controls()
+
+    def _on_control(self, name: str, value) -> None:
+        if self._syncing:
+            return
+        if name == "dropless":
+            self.set_options(drop_tokens=not value)
+        else:
+            self.set_options(**{name: value})
+
+    def _sync_controls(self) -> None:
+        """Show the current options on the controls (without re-routing per control) and grey
+        out the controls that cannot change the routing under the other options."""
+        opts, w = self.options, self._widgets
+        values = dict(opts, dropless=not opts["drop_tokens"])
+        self._syncing = True
+        try:
+            for name, widget in w.items():
+                value = values[name]
+                if isinstance(widget, widgets.Dropdown | widgets.ToggleButtons) and \
+                        value not in [v for _, v in widget.options]:
+                    continue  # an invalid value: route reports it; the control keeps its own
+                try:
+                    widget.value = value
+                except Exception:  # a value outside a slider's range: route judges it
+                    pass
+        finally:
+            self._syncing = False
+        token_choice = opts["choice"] == "token"
+        drops = opts["drop_tokens"] or not token_choice
+        rts_active = opts["training"] and opts["k"] == 1 and opts["drop_tokens"] and token_choice
+        w["use_rts"].disabled = not rts_active
+        w["noisy_gate_policy"].disabled = not opts["training"]
+        w["drop_policy"].disabled = not (opts["drop_tokens"] and token_choice) or \
+            (rts_active and opts["use_rts"])
+        w["capacity_factor"].disabled = not drops
+        w["min_capacity"].disabled = not drops
+        w["dropless"].disabled = not token_choice
+
+    # ---- display
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.widget)
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)
+
+    def __repr__(self) -> str:
+        state = "invalid options" if self.error else f"capacity={self.table['capacity']}"
+        return (f"RoutingView(S={self.table['num_tokens']}, E={self.num_experts}, "
+                f"k={self.table['k']}, {state})")
