@@ -116,13 +116,11 @@ def _gumbel(shape, *, like: Tensor, generator: torch.Generator | None) -> Tensor
     return -torch.log((-torch.log(uniform.clamp(min=tiny))).clamp(min=tiny))
 
 
-def _check_route_args(logits, k, capacity_factor, min_capacity, noisy_gate_policy, drop_policy,
-                      choice, selection_bias) -> None:
+def _check_logits(logits) -> None:
     if not isinstance(logits, Tensor) or logits.dim() != 2:
         shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
         raise ValueError(f"logits must be a 2-D tensor [tokens, experts]; got {shape}")
-    num_tokens, num_experts = logits.shape
-    if num_tokens < 1 or num_experts < 1:
+    if logits.shape[0] < 1 or logits.shape[1] < 1:
         raise ValueError(f"logits must hold at least one token and one expert; got shape "
                          f"{tuple(logits.shape)}")
     if not logits.is_floating_point():
@@ -130,6 +128,10 @@ def _check_route_args(logits, k, capacity_factor, min_capacity, noisy_gate_polic
     if not bool(torch.isfinite(logits).all()):
         raise ValueError("logits contain NaN or Inf: check the router input and learning rate "
                          "(routing needs finite gate logits)")
+
+
+def _check_options(num_experts, k, capacity_factor, min_capacity, noisy_gate_policy,
+                   drop_policy, choice) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts:
         raise ValueError(f"k must be an integer in [1, num_experts={num_experts}]; got {k!r}")
     if not (isinstance(capacity_factor, (int, float)) and math.isfinite(capacity_factor)
@@ -147,9 +149,6 @@ def _check_route_args(logits, k, capacity_factor, min_capacity, noisy_gate_polic
         raise ValueError(f"drop_policy must be one of {DROP_POLICIES}; got {drop_policy!r}")
     if choice not in CHOICES:
         raise ValueError(f"choice must be one of {CHOICES}; got {choice!r}")
-    if selection_bias is not None and tuple(selection_bias.shape) != (num_experts,):
-        raise ValueError(f"selection_bias must have shape [num_experts]=({num_experts},); "
-                         f"got {tuple(selection_bias.shape)}")
 
 
 def _rank_within_expert(expert: Tensor, num_experts: int) -> Tensor:
@@ -219,8 +218,13 @@ def route(
     """
     if noisy_gate_policy == "None":  # DeepSpeed accepts the string "None" too
         noisy_gate_policy = None
-    _check_route_args(logits, k, capacity_factor, min_capacity, noisy_gate_policy, drop_policy,
-                      choice, selection_bias)
+    _check_logits(logits)
+    num_experts = logits.shape[1]
+    _check_options(num_experts, k, capacity_factor, min_capacity, noisy_gate_policy,
+                   drop_policy, choice)
+    if selection_bias is not None and tuple(selection_bias.shape) != (num_experts,):
+        raise ValueError(f"selection_bias must have shape [num_experts]=({num_experts},); "
+                         f"got {tuple(selection_bias.shape)}")
     # DeepSpeed routes in float32 whatever the model dtype ("everything is in fp32"); moelab
     # routes in at least float32 (float64 stays float64, for gradcheck and references).
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -411,11 +415,11 @@ class Router(nn.Module):
                                      else eval_capacity_factor)
         self.bias_update_rate = bias_update_rate
         self.generator = generator
-        # Validate every option now, on a dummy routing, so a bad option fails at construction.
+        # Validate every option now, so a bad option fails at construction, not mid-training.
         for cf in (self.capacity_factor, self.eval_capacity_factor):
-            _check_route_args(torch.zeros(1, num_experts), k, cf, min_capacity,
-                              None if noisy_gate_policy == "None" else noisy_gate_policy,
-                              drop_policy, choice, None)
+            _check_options(num_experts, k, cf, min_capacity,
+                           None if noisy_gate_policy == "None" else noisy_gate_policy,
+                           drop_policy, choice)
         # The gate weight W_g [E, d] (nn.Linear(d, E, bias=False) layout and init).
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))

@@ -1,0 +1,299 @@
+"""A small GPT whose FFNs are dense, MoE, Residual-MoE or Pyramid-Residual MoE, from one config.
+
+The paper's models (§3-§4) are GPT-3-style decoders (Megatron-DeepSpeed) with an MoE layer on
+every other FFN (``moe_every=2``: layers 2, 4, ..., 24 of 24). PR-MoE (§4.1) = Pyramid (more
+experts in the last MoE layers, "32/64") + Residual (a dense MLP beside one top-1 expert).
+
+``GPT(config)(idx, targets) -> GPTOutput`` with the LM loss, the MoE losses (already weighted by
+the config's coefficients inside ``loss``) and every layer's Routing (None for dense layers).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from .layer import MLP, MoE
+from .routing import Routing
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """One typed config for dense, MoE, PR-MoE and MoS models.
+
+    ``experts`` is the expert schedule over the MoE layers: 0 (a dense model), an int (that many
+    experts in every MoE layer), "a/b" (the paper's Pyramid: the last two MoE layers get b, the
+    rest a) or a tuple with one count per MoE layer.
+
+    Loss coefficients: ``aux_loss_coef=0.01`` is what the paper's training scripts use
+    (Megatron-DeepSpeed's own default, 0.1, is 10x that); ``z_loss_coef=0.0`` because the paper has
+    no z-loss (ST-MoE recommends 1e-3 when it is wanted).
+    """
+
+    vocab_size: int = 256
+    block_size: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    d_ff: int | None = None  # None = 4 · d_model
+    experts: int | str | tuple[int, ...] = 0
+    moe_every: int = 2
+    residual: bool = False
+    k: int = 1
+    capacity_factor: float = 1.0
+    eval_capacity_factor: float = 1.0
+    min_capacity: int = 4
+    drop_tokens: bool = True
+    use_rts: bool = True
+    noisy_gate_policy: str | None = None
+    bias_update_rate: float = 0.0
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.0
+    activation: str = "gelu"
+    dropout: float = 0.0
+    backend: str = "index"
+    name: str = field(default="custom", compare=False)
+
+    def __post_init__(self) -> None:
+        for key in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "moe_every"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key} must be an integer >= 1; got {value!r}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1); got {self.dropout!r}")
+        _ = self.expert_schedule  # validates the schedule
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.d_ff if self.d_ff is not None else 4 * self.d_model
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        """0-based indices of the MoE layers: layer i (1-based) is MoE iff i % moe_every == 0
+        (Megatron-DeepSpeed's rule), and none for a dense model."""
+        if self.experts in (0, "0", ()):
+            return ()
+        return tuple(i for i in range(self.n_layer) if (i + 1) % self.moe_every == 0)
+
+    @property
+    def expert_schedule(self) -> tuple[int, ...]:
+        """Experts in each MoE layer, in layer order."""
+        n_moe = len(self.moe_layers)
+        spec = self.experts
+        if spec in (0, "0", ()):
+            return ()
+        if n_moe == 0:
+            raise ValueError(f"experts={spec!r} but no layer is MoE: n_layer={self.n_layer} "
+                             f"has no multiple of moe_every={self.moe_every}")
+        if isinstance(spec, int) and not isinstance(spec, bool):
+            schedule = (spec,) * n_moe
+        elif isinstance(spec, str):
+            try:
+                counts = [int(part) for part in spec.split("/")]
+            except ValueError:
+                raise ValueError(f"experts string must look like '32' or '32/64'; "
+                                 f"got {spec!r}") from None
+            if len(counts) == 1:
+                schedule = (counts[0],) * n_moe
+            elif len(counts) == 2:
+                # Pyramid (§4.1, Fig. 3): the last two MoE layers get the larger count.
+                n_big = min(2, n_moe)
+                schedule = (counts[0],) * (n_moe - n_big) + (counts[1],) * n_big
+            else:
+                raise ValueError(f"experts string takes one or two counts ('32' or '32/64'); "
+                                 f"got {spec!r}")
+        else:
+            schedule = tuple(spec)
+            if len(schedule) != n_moe:
+                raise ValueError(
+                    f"experts schedule has {len(schedule)} entries but the model has {n_moe} "
+                    f"MoE layers (n_layer={self.n_layer}, moe_every={self.moe_every}); give one "
+                    f"count per MoE layer, an int, or 'a/b'")
+        for count in schedule:
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise ValueError(f"every expert count must be an integer >= 1; got {schedule}")
+            if count < self.k:
+                raise ValueError(f"k={self.k} is larger than a layer's expert count {count}")
+        return schedule
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _paper(name: str, n_layer: int, d_model: int, n_head: int, **moe) -> GPTConfig:
+    """A paper-scale config: GPT-2 vocabulary, 2K context (Megatron-DeepSpeed scripts)."""
+    return GPTConfig(name=name, vocab_size=50257, block_size=2048, n_layer=n_layer,
+                     d_model=d_model, n_head=n_head, **moe)
+
+
+PRESETS: dict[str, GPTConfig] = {
+    cfg.name: cfg for cfg in [
+        GPTConfig(name="tiny", block_size=64, n_layer=4, n_head=4, d_model=64, experts=4),
+        GPTConfig(name="small", block_size=128, n_layer=6, n_head=6, d_model=192, experts=8),
+        # §3: the 5x study; MoE-128 on every other layer, top-1
+        _paper("paper_350m", 24, 1024, 16),
+        _paper("paper_350m_moe128", 24, 1024, 16, experts=128),
+        _paper("paper_1_3b", 24, 2048, 16),
+        _paper("paper_1_3b_moe128", 24, 2048, 16, experts=128),
+        _paper("paper_6_7b", 32, 4096, 32),
+        # §4.1: PR-MoE (residual + pyramid)
+        _paper("paper_350m_pr_moe_32_64", 24, 1024, 16, experts="32/64", residual=True),
+        _paper("paper_1_3b_pr_moe_64_128", 24, 2048, 16, experts="64/128", residual=True),
+        # §4.2: Mixture-of-Students, 21 layers (10 MoE layers)
+        _paper("paper_350m_mos_l21", 21, 1024, 16, experts=(32,) * 8 + (64,) * 2,
+               residual=True),
+        _paper("paper_1_3b_mos_l21", 21, 2048, 16, experts=(64,) * 8 + (128,) * 2,
+               residual=True),
+        # §5.5 Table 6: the serving models. 8B+MoE-128 uses 40 layers (the blog's figure; 30
+        # layers would not give 349B) and 24B+MoE-128 30 layers (the tutorial's 1046.9B).
+        _paper("serve_2_4b_moe128", 16, 3584, 28, experts=128),
+        _paper("serve_8b_moe128", 40, 4096, 32, experts=128),
+        _paper("serve_24b_moe128", 30, 8192, 64, experts=128),
+        _paper("serve_47b_moe128", 58, 8192, 64, experts=128),
+    ]
+}
+
+
+def preset(name: str, **overrides) -> GPTConfig:
+    """A named config, optionally with fields replaced: ``preset("tiny", experts="4/8")``."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return replace(PRESETS[name], **overrides)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
+        self.proj = nn.Linear(config.d_model, config.d_model)
+        self.dropout = config.dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, k, v = rearrange(self.qkv(x), "b t (three h e) -> three b h t e", three=3,
+                            h=self.n_head)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(rearrange(y, "b h t e -> b t (h e)"))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block; the FFN is an MLP or an MoE layer."""
+
+    def __init__(self, config: GPTConfig, num_experts: int = 0) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.d_model)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.d_model)
+        if num_experts:
+            self.ffn = MoE(
+                config.d_model, config.ffn_dim, num_experts, k=config.k,
+                capacity_factor=config.capacity_factor,
+                eval_capacity_factor=config.eval_capacity_factor,
+                min_capacity=config.min_capacity, drop_tokens=config.drop_tokens,
+                use_rts=config.use_rts, noisy_gate_policy=config.noisy_gate_policy,
+                bias_update_rate=config.bias_update_rate, activation=config.activation,
+                residual=config.residual, backend=config.backend)
+        else:
+            self.ffn = MLP(config.d_model, config.ffn_dim, activation=config.activation)
+        self.dropout = nn.Dropout(config.dropout)
+
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.ffn, MoE)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Routing | None]:
+        x = x + self.dropout(self.attn(self.ln_1(x)))
+        if self.is_moe:
+            y, routing = self.ffn(self.ln_2(x))
+        else:
+            y, routing = self.ffn(self.ln_2(x)), None
+        return x + self.dropout(y), routing
+
+
+@dataclass
+class GPTOutput:
+    logits: Tensor  # [B, T, V]
+    loss: Tensor | None  # lm_loss + aux_loss_coef · Σ aux + z_loss_coef · Σ z  (None w/o targets)
+    lm_loss: Tensor | None  # cross-entropy against the targets
+    aux_loss: Tensor  # Σ over MoE layers of l_aux (unweighted)
+    z_loss: Tensor  # Σ over MoE layers of the z-loss (unweighted)
+    routings: list[Routing | None]  # one per layer, None for dense layers
+
+
+class GPT(nn.Module):
+    """A GPT decoder: token + position embeddings, n_layer blocks, final LayerNorm, tied head."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        experts_by_layer = dict(zip(config.moe_layers, config.expert_schedule, strict=True))
+        self.wte = nn.Embedding(config.vocab_size, config.d_model)
+        self.wpe = nn.Embedding(config.block_size, config.d_model)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, experts_by_layer.get(i, 0))
+                                    for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.d_model)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied, as in GPT-2 / Megatron
+        if not any(p.is_meta for p in self.parameters()):
+            self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        # GPT-2 / Megatron init: N(0, 0.02), output projections scaled by 1/sqrt(2·n_layer).
+        std = 0.02
+        for name, param in self.named_parameters():
+            if name.endswith("bias") or ".b_" in name or "ln_" in name:
+                continue
+            if name.endswith(("proj.weight", "fc_out.weight", "w_out")):
+                param.normal_(0, std / math.sqrt(2 * self.config.n_layer))
+            elif name.endswith(("w_in", "weight")) and param.dim() >= 2:
+                param.normal_(0, std)
+
+    @classmethod
+    def from_preset(cls, name: str, device: str | torch.device | None = None, **overrides):
+        """Build a preset; ``device="meta"`` builds the paper-scale ones without memory."""
+        with torch.device(device) if device is not None else nullcontext():
+            return cls(preset(name, **overrides))
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> GPTOutput:
+        batch, length = idx.shape
+        if length > self.config.block_size:
+            raise ValueError(f"sequence length {length} exceeds block_size="
+                             f"{self.config.block_size}; crop the input or raise block_size")
+        positions = torch.arange(length, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(positions))  # [B, T, d]
+        routings = []
+        for block in self.blocks:
+            x, routing = block(x)
+            routings.append(routing)
+        logits = self.lm_head(self.ln_f(x))  # [B, T, V]
+        moe = [r for r in routings if r is not None]
+        aux_loss = sum((r.aux_loss for r in moe), logits.new_zeros(()))
+        z_loss = sum((r.z_loss for r in moe), logits.new_zeros(()))
+        lm_loss = loss = None
+        if targets is not None:
+            lm_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+            # Megatron-DeepSpeed: loss = lm + moe_loss_coeff · Σ_layers l_aux (+ z-loss here)
+            loss = lm_loss + self.config.aux_loss_coef * aux_loss \
+                + self.config.z_loss_coef * z_loss
+        return GPTOutput(logits=logits, loss=loss, lm_loss=lm_loss, aux_loss=aux_loss,
+                         z_loss=z_loss, routings=routings)
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the Experts banks: found by module type, not by name."""
+        from .experts import Experts
+
+        return [p for m in self.modules() if isinstance(m, Experts) for p in m.parameters()]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
