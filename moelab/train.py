@@ -1,0 +1,213 @@
+"""Trainer: AdamW with expert and shared parameter groups, clipping, warmup + cosine LR, a
+per-step metrics history that views subscribe to, and bit-identical checkpoint resume."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .data import Corpus
+from .experts import Experts
+
+LossFn = Callable[[nn.Module, Tensor, Tensor, int], tuple[Tensor, object, dict]]
+
+
+@dataclass
+class TrainConfig:
+    """Defaults follow the paper's scripts where they carry over to a laptop: AdamW β=(0.9,
+    0.95), weight decay 0.1, gradient clipping at 1.0, warmup then cosine decay to lr/10."""
+
+    steps: int = 200
+    batch_size: int = 16
+    lr: float = 1e-3
+    min_lr: float | None = None  # None = lr / 10
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    eval_every: int = 50  # 0 = never
+    eval_batches: int = 4
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size", "eval_batches"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1; got {getattr(self, key)!r}")
+        if self.lr <= 0 or self.warmup_steps < 0 or self.eval_every < 0 or self.grad_clip < 0:
+            raise ValueError("lr must be > 0 and warmup_steps, eval_every, grad_clip >= 0")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: expert vs shared parameters (expert parallelism reduces their gradients over
+    different groups), each with and without weight decay. Experts are found by module type,
+    never by a substring of a parameter's name."""
+    expert_ids = {id(p) for m in model.modules() if isinstance(m, Experts)
+                  for p in m.parameters()}
+    norm_ids = {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm)
+                for p in m.parameters()}
+    groups = {(moe, decay): [] for moe in (False, True) for decay in (True, False)}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_bias = name.endswith(("bias", ".b_in", ".b_out"))
+        decay = not (is_bias or id(param) in norm_ids)
+        groups[(id(param) in expert_ids, decay)].append(param)
+    return [
+        {"name": ("expert" if moe else "shared") + ("" if decay else "_no_decay"),
+         "moe": moe, "params": params, "weight_decay": weight_decay if decay else 0.0}
+        for (moe, decay), params in groups.items() if params
+    ]
+
+
+def lm_loss_fn(model: nn.Module, x: Tensor, y: Tensor, step: int):
+    """The default objective: the model's own loss (LM + weighted MoE losses)."""
+    output = model(x, y)
+    return output.loss, output, {}
+
+
+class Trainer:
+    """Trains a GPT on a Corpus; ``history`` holds one record (a dict) per step.
+
+    ``subscribe(fn)`` registers ``fn(record)``, called after every step (views use it to draw the
+    load live). ``loss_fn(model, x, y, step) -> (loss, output, extras)`` replaces the objective
+    (the Mixture-of-Students KD loss plugs in here); extras land in the record.
+    """
+
+    def __init__(self, model: nn.Module, train_data: Corpus, val_data: Corpus | None = None,
+                 config: TrainConfig | None = None, loss_fn: LossFn | None = None) -> None:
+        self.model, self.train_data, self.val_data = model, train_data, val_data
+        self.config = config or TrainConfig()
+        self.loss_fn = loss_fn or lm_loss_fn
+        self.block_size = model.config.block_size
+        self.optimizer = torch.optim.AdamW(param_groups(model, self.config.weight_decay),
+                                           lr=self.config.lr, betas=self.config.betas)
+        self.generator = torch.Generator().manual_seed(self.config.seed)
+        self.step_count = 0
+        self.history: list[dict] = []
+        self._subscribers: list[Callable[[dict], None]] = []
+        train_data._starts(1, self.block_size, None)  # fails early if the corpus is too small
+        if val_data is not None:
+            val_data._starts(1, self.block_size, None)
+
+    def subscribe(self, fn: Callable[[dict], None]) -> Callable[[dict], None]:
+        self._subscribers.append(fn)
+        return fn
+
+    def lr_at(self, step: int) -> float:
+        """Linear warmup, then cosine decay from lr to min_lr over the remaining steps."""
+        cfg = self.config
+        min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
+        if step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+        return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+    def step(self) -> dict:
+        """One optimizer step; returns (and records) its metrics."""
+        cfg, model = self.config, self.model
+        model.train()
+        start = time.perf_counter()
+        x, y = self.train_data.batch(cfg.batch_size, self.block_size, self.generator)
+        lr = self.lr_at(self.step_count)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss, output, extras = self.loss_fn(model, x, y, self.step_count)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        # every parameter counted once in the norm (tied embeddings are one parameter)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                   cfg.grad_clip or float("inf"))
+        self.optimizer.step()
+        elapsed = time.perf_counter() - start
+        self.step_count += 1
+        moe = [r for r in output.routings if r is not None]
+        record = {
+            "step": self.step_count, "lr": lr, "loss": loss.item(),
+            "lm_loss": output.lm_loss.item(), "aux_loss": output.aux_loss.item(),
+            "z_loss": output.z_loss.item(), "grad_norm": float(grad_norm),
+            "tokens_per_s": x.numel() / elapsed,
+            "counts": [r.counts.tolist() for r in moe],
+            "load": [r.load.tolist() for r in moe],
+            "capacity": [r.capacity for r in moe],
+            "drop_fraction": [r.drop_fraction for r in moe],
+            "val_loss": None, **extras,
+        }
+        if cfg.eval_every and self.val_data is not None and (
+                self.step_count % cfg.eval_every == 0 or self.step_count == cfg.steps):
+            record["val_loss"] = self.evaluate()
+        self.history.append(record)
+        for fn in self._subscribers:
+            fn(record)
+        return record
+
+    @torch.no_grad()
+    def evaluate(self, data: Corpus | None = None) -> float:
+        """Mean LM loss over eval_batches fixed validation batches (the same ones every time)."""
+        data = data or self.val_data
+        if data is None:
+            raise ValueError("no validation data: pass val_data to Trainer or data here")
+        was_training = self.model.training
+        self.model.eval()
+        generator = torch.Generator().manual_seed(self.config.seed + 1)
+        losses = []
+        for _ in range(self.config.eval_batches):
+            x, y = data.batch(self.config.batch_size, self.block_size, generator)
+            losses.append(self.model(x, y).lm_loss.item())
+        self.model.train(was_training)
+        return sum(losses) / len(losses)
+
+    def train(self, steps: int | None = None) -> list[dict]:
+        """Run until ``steps`` more steps (default: up to config.steps in all)."""
+        target = self.step_count + steps if steps is not None else self.config.steps
+        bar = None
+        if self.config.progress:
+            try:
+                from tqdm.auto import tqdm
+                bar = tqdm(total=target - self.step_count, desc="training", leave=False)
+            except ImportError:  # tqdm is in the lab extra; training works without it
+                bar = None
+        while self.step_count < target:
+            record = self.step()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.3f}")
+        if bar is not None:
+            bar.close()
+        return self.history
+
+    # ------------------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "step": self.step_count, "history": self.history,
+            "config": asdict(self.config), "model_config": self.model.config.to_dict(),
+            "rng": {"torch": torch.get_rng_state(), "data": self.generator.get_state()},
+        }
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(self.state_dict(), path)
+        return path
+
+    def load(self, path: str | Path) -> None:
+        """Restore model, optimizer, step, history and every RNG: the run continues exactly as
+        if it had never stopped."""
+        state = torch.load(path, weights_only=False)
+        if state["model_config"] != self.model.config.to_dict():
+            raise ValueError("checkpoint was saved from a different model config; build the "
+                             "model from the checkpoint's 'model_config'")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step_count = state["step"]
+        self.history = list(state["history"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.generator.set_state(state["rng"]["data"])
