@@ -1,0 +1,82 @@
+# moelab: every target makes .venv on first use, then reuses it.
+#
+#   make lab     JupyterLab on notebooks/
+#   make test    the whole suite (unit tests, notebooks via nbmake, the browser test)
+#   make bench   benchmarks/bench_layer.py and bench_train.py, tables into benchmarks/RESULTS.md
+#   make tour    run notebooks/00_tour.ipynb headless into build/
+#   make lint    ruff
+#   make clean   remove build outputs and caches (keeps .venv; `make distclean` removes it too)
+#
+# Installs are remembered by stamp files inside .venv that depend on pyproject.toml: a second
+# run skips pip, and editing pyproject.toml re-installs.
+
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check --quiet
+# Pinned, and installed before anything that depends on torch: an unpinned torch resolves to the
+# multi-GB CUDA build; this version is the CPU wheel.
+TORCH  := torch==2.13.0
+
+ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help lab test bench tour lint clean distclean venv
+
+help:
+	@echo "make lab    JupyterLab on notebooks/ (first run installs .venv, ~3 min)"
+	@echo "make test   whole test suite with MOELAB_PRESET=smoke (pass pytest args as ARGS=...)"
+	@echo "make bench  benchmarks (layer, training): tables into benchmarks/RESULTS.md"
+	@echo "make tour   execute notebooks/00_tour.ipynb headless into build/"
+	@echo "make lint   ruff check"
+	@echo "make clean  remove build outputs and caches; make distclean also removes .venv"
+
+# --- the virtual environment -------------------------------------------------------------------
+
+$(VENV)/pyvenv.cfg:
+	@test -n "$(PYTHON)" || { echo "need python3.11 (or python3) on PATH" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.stamp-torch: $(VENV)/pyvenv.cfg
+	$(PIP) install "$(TORCH)"
+	@touch $@
+
+$(VENV)/.stamp-lab: pyproject.toml $(VENV)/.stamp-torch
+	$(PIP) install "$(TORCH)" -e ".[lab,kernels]"
+	@touch $@
+
+# dev is a superset of lab, so it satisfies the lab stamp too.
+$(VENV)/.stamp-dev: pyproject.toml $(VENV)/.stamp-torch
+	$(PIP) install "$(TORCH)" -e ".[lab,kernels,dev]"
+	@touch $@ $(VENV)/.stamp-lab
+
+venv: $(VENV)/.stamp-dev
+
+# --- targets -----------------------------------------------------------------------------------
+
+lab: $(VENV)/.stamp-lab
+	$(VENV)/bin/jupyter lab notebooks/
+
+test: $(VENV)/.stamp-dev
+	MOELAB_PRESET=smoke $(PY) -m pytest $(ARGS)
+
+bench: $(VENV)/.stamp-dev
+	$(PY) benchmarks/bench_layer.py $(ARGS)
+	$(PY) benchmarks/bench_train.py --out benchmarks/RESULTS.md
+
+tour: $(VENV)/.stamp-lab
+	@mkdir -p build
+	$(VENV)/bin/jupyter nbconvert --to notebook --execute notebooks/00_tour.ipynb \
+		--output-dir build/ --ExecutePreprocessor.timeout=900
+	@echo "executed notebook: build/00_tour.ipynb"
+
+lint: $(VENV)/.stamp-dev
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf build/ .pytest_cache/ .ruff_cache/ .hypothesis/ *.egg-info/
+	find . -path ./$(VENV) -prune -o \( -name __pycache__ -o -name .ipynb_checkpoints \) \
+		-type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

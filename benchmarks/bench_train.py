@@ -1,0 +1,140 @@
+"""The paper's training claims at laptop scale (a benchmark, not a test).
+
+(1) dense base vs MoE (top-1, same active FLOPs) vs a dense model with ~4x the FLOPs: validation
+    loss at equal steps, and the MoE's step time over its dense base's (goal <= 1.3x);
+(2) MoE vs PR-MoE: parameters and validation loss (paper: PR-MoE matches with ~1/3 of them);
+(3) Mixture-of-Students: a shallower student without KD, with full KD and with staged KD, against
+    its teacher (paper: staged KD recovers most of the gap).
+
+Usage: python benchmarks/bench_train.py [--quick] [--steps N] [--out benchmarks/RESULTS.md]
+Fixed seeds; every run trains on the standard library's own source text (no downloads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from moelab.data import stdlib_corpus
+from moelab.distill import StagedKD, student_config
+from moelab.model import GPT, GPTConfig
+from moelab.sizing import size
+from moelab.train import TrainConfig, Trainer
+
+START, END = "<!-- bench_train:start -->", "<!-- bench_train:end -->"
+
+
+def run(config: GPTConfig, data, steps: int, batch_size: int, seed: int = 0, loss_fn=None,
+        model: GPT | None = None) -> dict:
+    torch.manual_seed(seed)
+    model = model or GPT(config)
+    trainer = Trainer(model, *data, TrainConfig(steps=steps, batch_size=batch_size, lr=2e-3,
+                                                warmup_steps=max(1, steps // 20),
+                                                eval_every=0, eval_batches=8, seed=seed,
+                                                progress=False), loss_fn=loss_fn)
+    start = time.perf_counter()
+    history = trainer.train()
+    elapsed = time.perf_counter() - start
+    # median step time over the second half (after warm-up effects)
+    step_times = [config.block_size * batch_size / r["tokens_per_s"]
+                  for r in history[len(history) // 2:]]
+    return {"model": model, "val_loss": trainer.evaluate(), "params": size(config).total,
+            "active": size(config).active, "step_ms": 1e3 * statistics.median(step_times),
+            "seconds": elapsed}
+
+
+def base_config(quick: bool, **overrides) -> GPTConfig:
+    width = dict(d_model=64, n_head=2) if quick else dict(d_model=128, n_head=4)
+    return GPTConfig(**{"block_size": 64 if quick else 128, "n_layer": 4, **width,
+                        "name": "base", **overrides})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, seconds")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=None, help="RESULTS.md to update")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    steps = args.steps or (20 if args.quick else 600)
+    batch = 4 if args.quick else args.batch_size
+    data = stdlib_corpus(max_bytes=200_000 if args.quick else 2_000_000).split(0.05)
+    lines = []
+
+    # (1) dense vs MoE vs 4x dense
+    dense = base_config(args.quick)
+    moe = base_config(args.quick, experts=8, name="moe8")
+    big = base_config(args.quick, d_model=dense.d_model * 2, n_head=dense.n_head * 2,
+                      name="dense_4x")
+    runs = {c.name: run(c, data, steps, batch) for c in (dense, moe, big)}
+    flops = {name: size(c).flops_per_token for name, c in
+             (("base", dense), ("moe8", moe), ("dense_4x", big))}
+    lines += ["### (1) Dense base vs MoE (top-1) vs a dense model with ~4x the FLOPs", "",
+              "| model | params | active | FLOPs/token | val loss | step ms |",
+              "|---|---|---|---|---|---|"]
+    for name, result in runs.items():
+        lines.append(f"| {name} | {result['params'] / 1e6:.2f}M | {result['active'] / 1e6:.2f}M"
+                     f" | {flops[name] / 1e6:.1f}M | {result['val_loss']:.4f} | "
+                     f"{result['step_ms']:.1f} |")
+    ratio = runs["moe8"]["step_ms"] / runs["base"]["step_ms"]
+    lines += ["", f"MoE step time / dense base step time: **{ratio:.2f}x** (goal <= 1.3x).", ""]
+
+    # (2) MoE vs PR-MoE on 8 layers (4 MoE layers)
+    deep = dict(n_layer=8)
+    moe_deep = base_config(args.quick, experts=8, name="moe8_l8", **deep)
+    pr_moe = base_config(args.quick, experts="4/8", residual=True, name="pr_moe_4_8_l8", **deep)
+    moe_small = base_config(args.quick, experts=4, name="moe4_l8", **deep)
+    runs2 = {c.name: run(c, data, steps, batch) for c in (moe_small, moe_deep, pr_moe)}
+    lines += ["### (2) MoE vs PR-MoE (8 layers, MoE on every other layer)", "",
+              "| model | expert schedule | params | val loss |", "|---|---|---|---|"]
+    for config in (moe_small, moe_deep, pr_moe):
+        result = runs2[config.name]
+        lines.append(f"| {config.name} | {config.expert_schedule} | "
+                     f"{result['params'] / 1e6:.2f}M | {result['val_loss']:.4f} |")
+    lines += ["", f"PR-MoE params / MoE-8 params: "
+              f"{runs2['pr_moe_4_8_l8']['params'] / runs2['moe8_l8']['params']:.2f}", ""]
+
+    # (3) Mixture-of-Students: teacher = the PR-MoE above; student has 7 of its 8 layers
+    teacher = runs2["pr_moe_4_8_l8"]["model"]
+    student = student_config(pr_moe, 7)
+    kd_stop = int(steps * 0.6)
+    variants = {"no KD": None, "full KD": StagedKD(teacher, alpha=1.0),
+                f"staged KD (stop at {kd_stop})": StagedKD(teacher, alpha=1.0,
+                                                          kd_stop_step=kd_stop)}
+    runs3 = {name: run(student, data, steps, batch, loss_fn=fn) for name, fn in variants.items()}
+    lines += ["### (3) Mixture-of-Students (teacher 8 layers -> student 7 layers)", "",
+              "| model | params | val loss | gap to teacher |", "|---|---|---|---|",
+              f"| teacher PR-MoE L8 | {runs2['pr_moe_4_8_l8']['params'] / 1e6:.2f}M | "
+              f"{runs2['pr_moe_4_8_l8']['val_loss']:.4f} | 0 |"]
+    for name, result in runs3.items():
+        gap = result["val_loss"] - runs2["pr_moe_4_8_l8"]["val_loss"]
+        lines.append(f"| student L7, {name} | {result['params'] / 1e6:.2f}M | "
+                     f"{result['val_loss']:.4f} | {gap:+.4f} |")
+
+    header = [f"## Training at laptop scale (`python benchmarks/bench_train.py"
+              f"{' --quick' if args.quick else ''}`)", "",
+              f"{datetime.date.today()}, {platform.processor() or platform.machine()}, "
+              f"torch {torch.__version__}, {torch.get_num_threads()} threads, {steps} steps of "
+              f"batch {batch} on the standard library's source text; fixed seeds.", ""]
+    section = "\n".join([START, *header, *lines, END])
+    print(section)
+    if args.out is not None:
+        text = args.out.read_text() if args.out.exists() else "# Benchmark results\n"
+        if START in text:
+            text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: section, text,
+                          flags=re.S)
+        else:
+            text = text.rstrip() + "\n\n" + section + "\n"
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,316 @@
+"""JupyterLab in headless Chromium: open the tour, run all cells, see a plotly figure drawn.
+
+This is the check that nbmake cannot make: that the widgets (ipywidgets, plotly's FigureWidget
+through anywidget) actually render in JupyterLab 4 in a real browser. It uses Debian's
+``/usr/bin/chromium`` (``.ci/run`` installs it) and never downloads a browser.
+
+The notebook's folder is copied to a temporary server root, so running it never writes outputs
+or checkpoints into the repository. ``MOELAB_BROWSER_NOTEBOOK`` may name another notebook (for
+developing this test); by default it is ``notebooks/00_tour.ipynb``. The screenshot lands in
+``build/browser_00_tour.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BUILD = REPO / "build"
+NOTEBOOK = Path(os.environ.get("MOELAB_BROWSER_NOTEBOOK", REPO / "notebooks" / "00_tour.ipynb"))
+SCREENSHOT = BUILD / "browser_00_tour.png"
+
+SERVER_START_TIMEOUT_S = 60
+RUN_TIMEOUT_S = 180
+
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+# JupyterLab user settings for a deterministic page: render every cell (no virtual scrolling,
+# so the DOM holds all outputs), never autosave, no news or update checks.
+LAB_SETTINGS = {
+    "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {
+        "windowingMode": "none",
+        "autoStartDefaultKernel": True,
+    },
+    "@jupyterlab/docmanager-extension/plugin.jupyterlab-settings": {"autosave": False},
+    "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {
+        "fetchNews": "false",
+        "checkForUpdates": False,
+    },
+}
+
+PLOT = ".jp-OutputArea-output .js-plotly-plot, .jp-OutputArea-output .plot-container"
+# Drawn traces: scatter, bar, box... are <g class="trace">, a heatmap is <g class="hm"> holding an
+# <image>; ._fullData is the list of traces plotly.js holds for the figure.
+TRACE_COUNT_JS = """() => {
+  const plots = [...document.querySelectorAll('.jp-OutputArea-output .js-plotly-plot')];
+  let svg = 0, data = 0;
+  for (const gd of plots) {
+    svg += gd.querySelectorAll('.plot g.trace, .plot g.hm, .heatmaplayer image').length;
+    data += (gd._fullData || []).filter(t => t.visible !== false).length;
+  }
+  return {plots: plots.length, svg: svg, data: data};
+}"""
+
+
+def _chromium() -> str | None:
+    if os.access("/usr/bin/chromium", os.X_OK):
+        return "/usr/bin/chromium"
+    return shutil.which("chromium")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _api(url: str, method: str = "GET") -> object:
+    request = urllib.request.Request(url, method=method)
+    with urllib.request.urlopen(request, timeout=5) as response:
+        body = response.read()
+    return json.loads(body) if body else None
+
+
+@dataclass
+class Lab:
+    base: str  # http://127.0.0.1:PORT
+    token: str
+    root: Path
+    log: Path
+
+    def url(self, path: str) -> str:
+        sep = "&" if "?" in path else "?"
+        return f"{self.base}{path}{sep}token={self.token}"
+
+    def log_tail(self, n: int = 60) -> str:
+        lines = self.log.read_text(errors="replace").splitlines()
+        return "\n".join(lines[-n:])
+
+
+@pytest.fixture
+def chromium() -> str:
+    path = _chromium()
+    if path is None:
+        pytest.skip("Debian chromium not installed; .ci/run installs it (apt-get install chromium)")
+    return path
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    """A JupyterLab server on a free port with its own config, data, settings and workspaces."""
+    if not NOTEBOOK.is_file():
+        pytest.fail(f"{NOTEBOOK} is missing: the browser test opens it in JupyterLab")
+    root = tmp_path / "root"
+    shutil.copytree(
+        NOTEBOOK.parent, root, ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__")
+    )
+    home = tmp_path / "jupyter"
+    settings = home / "settings"
+    for name, value in LAB_SETTINGS.items():
+        path = settings / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(value))
+
+    env = dict(os.environ)
+    env.update(
+        MOELAB_PRESET="smoke",
+        JUPYTER_CONFIG_DIR=str(home / "config"),
+        JUPYTER_DATA_DIR=str(home / "data"),
+        JUPYTER_RUNTIME_DIR=str(home / "runtime"),
+        IPYTHONDIR=str(home / "ipython"),
+        JUPYTERLAB_SETTINGS_DIR=str(settings),
+        JUPYTERLAB_WORKSPACES_DIR=str(home / "workspaces"),
+        PYTHONUNBUFFERED="1",
+    )
+    token = secrets.token_hex(16)
+    port = _free_port()
+    log = tmp_path / "jupyter-lab.log"
+    cmd = [
+        sys.executable, "-m", "jupyterlab",
+        "--no-browser",
+        "--allow-root",
+        "--ServerApp.ip=127.0.0.1",
+        f"--ServerApp.port={port}",
+        "--ServerApp.port_retries=0",
+        f"--ServerApp.root_dir={root}",
+        f"--IdentityProvider.token={token}",
+        "--ServerApp.terminals_enabled=False",
+        f"--LabApp.user_settings_dir={settings}",
+        f"--LabApp.workspaces_dir={home / 'workspaces'}",
+        "--LabApp.news_url=None",
+        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+    ]  # fmt: skip
+    with log.open("wb") as log_file:
+        proc = subprocess.Popen(
+            cmd, cwd=root, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+    server = Lab(base=f"http://127.0.0.1:{port}", token=token, root=root, log=log)
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"jupyter lab exited with {proc.returncode}:\n{server.log_tail()}")
+            try:
+                _api(server.url("/api/status"))
+                break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                if time.monotonic() > deadline:
+                    pytest.fail(
+                        f"jupyter lab did not answer within {SERVER_START_TIMEOUT_S} s:\n"
+                        f"{server.log_tail()}"
+                    )
+                time.sleep(0.5)
+        yield server
+    finally:
+        _stop(server, proc)
+
+
+def _stop(server: Lab, proc: subprocess.Popen) -> None:
+    """Shut kernels down through the API (each runs in a session of its own), then the server."""
+    if proc.poll() is None:
+        try:
+            for kernel in _api(server.url("/api/kernels")) or []:
+                _api(server.url(f"/api/kernels/{kernel['id']}"), method="DELETE")
+        except (urllib.error.URLError, OSError, ValueError):
+            pass
+    for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait_s)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+
+
+IDLE = ".jp-NotebookPanel-toolbar .jp-Notebook-ExecutionIndicator[data-status='idle']"
+
+
+def _wait_for_kernel(page, lab: Lab, timeout_s: float = 60) -> None:
+    """Wait for the notebook's kernel to be up and idle, accepting a "Select Kernel" dialog."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        dialog_accept = page.locator(".jp-Dialog .jp-mod-accept")
+        if dialog_accept.count() > 0 and dialog_accept.first.is_visible():
+            dialog_accept.first.click()
+        try:  # listing kernels while one is starting can answer 500; ask again
+            kernels = _api(lab.url("/api/kernels"))
+        except (urllib.error.URLError, OSError):
+            kernels = None
+        if kernels and page.locator(IDLE).count() > 0:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no idle kernel after {timeout_s} s; kernels: {kernels}")
+        page.wait_for_timeout(500)
+
+
+def _code_prompts(page) -> list[str]:
+    return page.locator(".jp-Notebook .jp-CodeCell .jp-InputPrompt").all_inner_texts()
+
+
+def _wait_for_run(page, deadline: float) -> None:
+    """Wait until no code cell is queued or running ([*]) and the kernel reports idle."""
+    while True:
+        prompts = _code_prompts(page)
+        busy = any("*" in prompt for prompt in prompts)
+        ran = any(re.search(r"\[\d+\]", prompt) for prompt in prompts)
+        if ran and not busy and page.locator(IDLE).count() > 0:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"cells still running after {RUN_TIMEOUT_S} s: {prompts}")
+        page.wait_for_timeout(500)
+
+
+@pytest.mark.browser
+@pytest.mark.timeout(270)
+def test_tour_renders_in_jupyterlab(chromium: str, lab: Lab) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api")
+
+    BUILD.mkdir(exist_ok=True)
+    failure_shot = BUILD / "browser_00_tour_failure.png"
+    failure_shot.unlink(missing_ok=True)
+    console_errors: list[str] = []
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1200})
+            page.on(
+                "console",
+                lambda msg: console_errors.append(msg.text) if msg.type == "error" else None,
+            )
+            page.on("pageerror", lambda exc: console_errors.append(f"pageerror: {exc}"))
+            try:
+                _run_notebook(page, lab)
+            except BaseException:
+                page.screenshot(path=str(failure_shot))
+                raise
+        finally:
+            browser.close()
+            if console_errors:  # shown by pytest when the test fails
+                print("browser console errors:", *console_errors[:50], sep="\n  ")
+
+
+def _run_notebook(page, lab: Lab) -> None:
+    page.goto(lab.url(f"/lab/tree/{NOTEBOOK.name}"), wait_until="domcontentloaded")
+    page.locator(".jp-NotebookPanel .jp-Notebook .jp-Cell").first.wait_for(timeout=60_000)
+    _wait_for_kernel(page, lab)
+
+    # Run > Run All Cells, as a learner would.
+    page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
+    page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click()
+
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    _wait_for_run(page, deadline)
+    # No cell may fail: an error output carries a traceback, a widget that fails shows a message.
+    failures = []
+    for output in page.locator(".jp-OutputArea-output").all():
+        text = output.inner_text()
+        mime = output.get_attribute("data-mime-type") or ""
+        if (
+            "Traceback" in text
+            or "Error displaying widget" in text
+            or (mime == "application/vnd.jupyter.stderr" and re.search(r"\w+Error\b", text))
+        ):
+            failures.append(text[:2000])
+    assert not failures, "error output in the notebook:\n" + "\n---\n".join(failures)
+    prompts = _code_prompts(page)
+    assert all(re.search(r"\[\d+\]", p) for p in prompts), f"not every cell ran: {prompts}"
+
+    # The figure has data and plotly.js drew it.
+    plot = page.locator(PLOT).first
+    plot.wait_for(state="visible", timeout=max(5.0, deadline - time.monotonic()) * 1000)
+    page.wait_for_function(f"() => ({TRACE_COUNT_JS})().svg > 0", timeout=30_000, polling=250)
+    counts = page.evaluate(TRACE_COUNT_JS)
+    assert counts["plots"] > 0 and counts["svg"] > 0 and counts["data"] > 0, counts
+
+    plot.scroll_into_view_if_needed()
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(SCREENSHOT))
