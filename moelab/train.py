@@ -92,12 +92,18 @@ class Trainer:
         self.step_count = 0
         self.history: list[dict] = []
         self._subscribers: list[Callable[[dict], None]] = []
+        self._end_callbacks: list[Callable[[], None]] = []
         train_data._starts(1, self.block_size, None)  # fails early if the corpus is too small
         if val_data is not None:
             val_data._starts(1, self.block_size, None)
 
-    def subscribe(self, fn: Callable[[dict], None]) -> Callable[[dict], None]:
+    def subscribe(self, fn: Callable[[dict], None],
+                  on_end: Callable[[], None] | None = None) -> Callable[[dict], None]:
+        """Call ``fn(record)`` after every step, and ``on_end()`` when `train` returns (a view
+        that throttles its redraws uses it to draw the last steps)."""
         self._subscribers.append(fn)
+        if on_end is not None:
+            self._end_callbacks.append(on_end)
         return fn
 
     def lr_at(self, step: int) -> float:
@@ -180,6 +186,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{record['loss']:.3f}")
         if bar is not None:
             bar.close()
+        for on_end in self._end_callbacks:
+            on_end()
         return self.history
 
     # ------------------------------------------------------------------------- checkpoints

@@ -1,0 +1,85 @@
+"""LoadBalanceView and ShapeView, checked on their data and figure state (no browser)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from moelab.data import multidomain_corpus
+from moelab.model import GPT, preset
+from moelab.sizing import size
+from moelab.train import TrainConfig, Trainer
+from moelab.viz.load_balance import LoadBalanceView, load_arrays, load_balance_figure
+from moelab.viz.shape_view import ShapeView, model_shape, shape_figure
+
+
+def fake_history():
+    return [
+        {"step": 1, "counts": [[6, 2], [4, 4]], "drop_fraction": [0.25, 0.0],
+         "aux_loss": 2.5, "z_loss": 1.0, "lm_loss": 5.0},
+        {"step": 2, "counts": [[4, 4], [8, 0]], "drop_fraction": [0.0, 0.5],
+         "aux_loss": 2.1, "z_loss": 1.1, "lm_loss": 4.5},
+    ]
+
+
+def test_load_arrays_compute_share_cv_and_drops():
+    arrays = load_arrays(fake_history())
+    np.testing.assert_array_equal(arrays["steps"], [1, 2])
+    np.testing.assert_allclose(arrays["share"][0], [[75, 50], [25, 50]])
+    np.testing.assert_allclose(arrays["cv"][0], [0.5, 0.0])  # std/mean of (6,2) and (4,4)
+    np.testing.assert_allclose(arrays["cv"][1], [0.0, 1.0])
+    np.testing.assert_allclose(arrays["drop"], [[0.25, 0.0], [0.0, 0.5]])
+    np.testing.assert_allclose(arrays["aux"], [2.5, 2.1])
+
+
+def test_load_balance_figure_holds_the_history():
+    fig = load_balance_figure(fake_history(), layer=1)
+    heat = fig.data[0]
+    np.testing.assert_allclose(np.array(heat.z), [[50, 100], [50, 0]])
+    assert list(fig.data[3].y) == pytest.approx([0.0, 1.0])  # layer 1's CV line
+    assert list(fig.data[4].y) == pytest.approx([0.0, 50.0])  # layer 1's drop % line
+    assert "MoE layer 1" in fig.layout.annotations[0].text
+
+
+def test_live_view_follows_a_trainer_and_throttles_redraws():
+    torch.manual_seed(0)
+    model = GPT(preset("tiny", block_size=16, d_model=32, n_head=2))
+    data = multidomain_corpus(5_000).split(0.1)
+    trainer = Trainer(model, *data, TrainConfig(steps=12, batch_size=2, eval_every=0,
+                                                progress=False))
+    view = LoadBalanceView(min_redraw_seconds=3600).attach(trainer)
+    assert view.layer_names == ["MoE layer 0 (block 2)", "MoE layer 1 (block 4)"]
+    trainer.train()
+    assert len(view.history) == 12
+    # one draw at construction, none during the 12 throttled steps, one when training ends
+    assert view.redraws == 2
+    heat = view.figure.data[0]
+    expected = load_arrays(trainer.history)["share"][0]
+    np.testing.assert_allclose(np.array(heat.z), expected)
+    assert "step 12" in view.status.value
+    view.layer_picker.value = 1
+    np.testing.assert_allclose(np.array(view.figure.data[0].z),
+                               load_arrays(trainer.history)["share"][1])
+
+
+def test_shape_of_pr_moe_and_mos():
+    shape = model_shape(preset("paper_350m_pr_moe_32_64"))
+    kinds = [b["kind"] for b in shape["blocks"]]
+    assert kinds == ["dense", "residual-moe"] * 12
+    assert [b["experts"] for b in shape["blocks"]][1::2] == [32] * 10 + [64] * 2
+    assert shape["total"] == size(preset("paper_350m_pr_moe_32_64")).total
+
+
+def test_shape_figure_compares_configs_side_by_side():
+    fig = shape_figure(["paper_350m_moe128", "paper_350m_pr_moe_32_64"])
+    titles = [a.text for a in fig.layout.annotations]
+    assert "13.1B params" in titles[0] and "4.1B params" in titles[1]
+    experts_traces = [t for t in fig.data if t.name.startswith("experts")]
+    assert [v for v in experts_traces[1].y if v] == [32] * 10 + [64] * 2
+    residual = [t for t in fig.data if "Residual" in t.name]
+    assert sum(1 for v in residual[1].y if v) == 12 and not any(residual[0].y)
+    view = ShapeView("tiny", "small")
+    assert len(view.shapes) == 2 and view.figure.data
+    with pytest.raises(ValueError, match="unknown preset"):
+        ShapeView("huge")
