@@ -105,7 +105,7 @@ class Experts(nn.Module):
         valid = slot[None, :] < load[:, None]  # [E, M]
         source = torch.where(valid, offsets[:-1, None] + slot[None, :], num_rows)  # [E, M]
         padded = torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, source.reshape(-1))
-        out = self(padded.view(self.num_experts, max_rows, -1))  # [E, M, d]
+        out = self(padded.view(self.num_experts, max_rows, x.shape[1]))  # [E, M, d]
         return out.reshape(-1, out.shape[-1])[valid.reshape(-1)]  # [N, d]
 
     def extra_repr(self) -> str:

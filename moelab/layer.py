@@ -41,6 +41,10 @@ class MoE(nn.Module):
         activation: "gelu" (the paper's GPT), "swiglu" or "relu". bias: biases in the experts.
         residual: Residual-MoE (§4.1.2): y = g₀(x)·MoE(x) + g₁(x)·MLP(x), g = softmax(W_c x + b_c).
         backend: "index" (mapping table, the default) or "einsum" (one-hot masks).
+        ep_size: expert parallelism (needs an initialised process group): this rank holds
+            num_experts / ep_size experts, and the token exchange runs between dispatch and
+            the experts (see `moelab.dist.expert_parallel`). exchange: "flat" or "hierarchical"
+            (with node_size ranks per node); tp_size > 1: the parallelism-coordinated exchange.
 
     ``forward(x[..., d]) -> (y[..., d], Routing)``. The layer does not add its losses to
     anything: ``routing.aux_loss`` (times a coefficient, 0.01 in the paper's scripts) and
@@ -69,9 +73,14 @@ class MoE(nn.Module):
         residual: bool = False,
         backend: str = "index",
         generator: torch.Generator | None = None,
+        ep_size: int = 1,
+        exchange: str = "flat",
+        node_size: int | None = None,
+        tp_size: int = 1,
     ) -> None:
         super().__init__()
-        for name, value in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts)):
+        for name, value in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts),
+                            ("ep_size", ep_size)):
             check_positive_int(name, value)
         check_backend(backend)
         self.d_model, self.backend = d_model, backend
@@ -81,15 +90,21 @@ class MoE(nn.Module):
             drop_tokens=drop_tokens, use_rts=use_rts, noisy_gate_policy=noisy_gate_policy,
             second_expert_sampling=second_expert_sampling, drop_policy=drop_policy,
             choice=choice, bias_update_rate=bias_update_rate, generator=generator)
-        self.experts = Experts(num_experts, d_model, d_ff, activation=activation, bias=bias)
+        self.parallel = None
+        if ep_size != 1 or tp_size != 1:
+            from .dist.expert_parallel import ExpertParallel
+
+            self.parallel = ExpertParallel(
+                num_experts, ep_size, exchange=exchange, node_size=node_size, tp_size=tp_size,
+                layer_config=dict(d_model=d_model, d_ff=d_ff, k=k, activation=activation,
+                                  residual=residual, drop_tokens=drop_tokens))
+        local_experts = num_experts // ep_size
+        self.experts = Experts(local_experts, d_model, d_ff, activation=activation, bias=bias)
+        self.num_experts = num_experts
         self.residual = residual
         if residual:
             self.mlp = MLP(d_model, d_ff, activation=activation, bias=bias)
             self.coefficient = nn.Linear(d_model, 2)
-
-    @property
-    def num_experts(self) -> int:
-        return self.experts.num_experts
 
     def set_backend(self, backend: str) -> None:
         check_backend(backend)
@@ -101,8 +116,19 @@ class MoE(nn.Module):
                              f"got shape {tuple(x.shape)}")
         tokens = x.reshape(-1, self.d_model)  # [..., d] -> [S, d]
         routing = self.router(tokens)
-        buffer = dispatch(tokens, routing, self.backend)  # [E, C, d] or packed [N, d]
-        if routing.capacity is not None:
+        # backend "triton" (no expert parallelism): the grouped GEMM reads each route's token row
+        # through the mapping table, so dispatch's permuted copy of the tokens is never written.
+        fused = self.backend == "triton" and self.parallel is None
+        buffer = None if fused else dispatch(tokens, routing, self.backend)  # [E, C, d] / [N, d]
+        if fused:
+            from .kernels.grouped_ffn import expert_ffn  # imports Triton
+
+            expert_out = expert_ffn(tokens, routing, self.experts)  # [E, C, d] or packed [N, d]
+        elif self.parallel is not None:  # the exchange to the experts' ranks and back
+            rows = routing.load if routing.capacity is None else \
+                torch.full((self.num_experts,), routing.capacity, dtype=torch.long)
+            expert_out = self.parallel.run_experts(self.experts, buffer, rows)
+        elif routing.capacity is not None:
             expert_out = self.experts(buffer)
         else:
             expert_out = self.experts.forward_packed(buffer, expert_offsets(routing))

@@ -58,6 +58,9 @@ class GPTConfig:
     activation: str = "gelu"
     dropout: float = 0.0
     backend: str = "index"
+    ep_size: int = 1  # expert parallelism: each MoE layer uses min(ep_size, its expert count)
+    exchange: str = "flat"
+    node_size: int | None = None
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -201,7 +204,9 @@ class Block(nn.Module):
                 min_capacity=config.min_capacity, drop_tokens=config.drop_tokens,
                 use_rts=config.use_rts, noisy_gate_policy=config.noisy_gate_policy,
                 bias_update_rate=config.bias_update_rate, activation=config.activation,
-                residual=config.residual, backend=config.backend)
+                residual=config.residual, backend=config.backend,
+                ep_size=min(config.ep_size, num_experts), exchange=config.exchange,
+                node_size=config.node_size)
         else:
             self.ffn = MLP(config.d_model, config.ffn_dim, activation=config.activation)
         self.dropout = nn.Dropout(config.dropout)

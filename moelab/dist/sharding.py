@@ -1,0 +1,106 @@
+"""Expert parameters and their optimizer state, sliced for an ep_size and gathered back.
+
+An `Experts` bank keeps each matrix as one [E, ...] tensor, so an expert-parallel rank's share is
+a slice of dim 0 and a checkpoint in "full" (ep_size-free) form is the concatenation. Expert
+parameters are recognised by what they are (parameters of an `Experts` module), never by a
+substring of their name (DeepSpeed's "expert" substring test catches user parameters too).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..experts import Experts
+from .tracing import operation
+
+
+def expert_parameter_names(model: nn.Module) -> set[str]:
+    """Names of the parameters that live in Experts banks."""
+    names = set()
+    for module_name, module in model.named_modules():
+        if isinstance(module, Experts):
+            names.update(f"{module_name}.{p}" if module_name else p
+                         for p, _ in module.named_parameters())
+    return names
+
+
+def _parallel_of(model: nn.Module, name: str):
+    """The ExpertParallel of the MoE layer that owns parameter `name` (or None)."""
+    owner = model.get_submodule(name.rsplit(".", 2)[0]) if name.count(".") >= 2 else model
+    return getattr(owner, "parallel", None)
+
+
+def local_slice(full: Tensor, parallel) -> Tensor:
+    """Rows [ep_rank·E/P, (ep_rank+1)·E/P) of a full [E, ...] expert tensor."""
+    if parallel is None:
+        return full
+    rows = parallel.local_experts
+    return full[rows.start:rows.stop]
+
+
+def gather_full(local: Tensor, parallel) -> Tensor:
+    """Concatenate the EP group's slices into the full [E, ...] tensor (on every rank)."""
+    if parallel is None:
+        return local
+    parts = [torch.empty_like(local) for _ in range(parallel.ep_size)]
+    with operation("all_gather (expert checkpoint)"):
+        dist.all_gather(parts, local.contiguous(), group=parallel.ep_group)
+    return torch.cat(parts)
+
+
+def full_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
+    """Model (and optimizer) state with every expert tensor gathered to its full [E, ...] form:
+    the same dict whatever the ep_size (collective: call on every rank)."""
+    expert_names = expert_parameter_names(model)
+    named = dict(model.named_parameters())
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name in expert_names:
+            tensor = gather_full(tensor, _parallel_of(model, name))
+        state[name] = tensor.detach().clone()
+    out = {"model": state}
+    if optimizer is not None:
+        ids = {id(p): n for n, p in named.items()}
+        per_param = {}
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                name = ids[id(param)]
+                entry = {}
+                for key, value in optimizer.state.get(param, {}).items():
+                    if isinstance(value, Tensor) and value.dim() > 0 and name in expert_names:
+                        value = gather_full(value, _parallel_of(model, name))
+                    entry[key] = value.clone() if isinstance(value, Tensor) else value
+                per_param[name] = entry
+        out["optimizer"] = {"state": per_param,
+                            "groups": [{k: v for k, v in g.items() if k != "params"}
+                                       for g in optimizer.param_groups]}
+    return out
+
+
+def load_full_state_dict(model: nn.Module, state: dict,
+                         optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Load a `full_state_dict` at this model's ep_size: each rank takes its experts' slice of
+    the weights and of the optimizer state."""
+    expert_names = expert_parameter_names(model)
+    local = {}
+    for name, tensor in state["model"].items():
+        if name in expert_names:
+            tensor = local_slice(tensor, _parallel_of(model, name))
+        local[name] = tensor
+    model.load_state_dict(local)
+    if optimizer is None or "optimizer" not in state:
+        return
+    named = dict(model.named_parameters())
+    for group, saved in zip(optimizer.param_groups, state["optimizer"]["groups"], strict=True):
+        group.update({k: v for k, v in saved.items() if k in group})
+    for name, entry in state["optimizer"]["state"].items():
+        param = named[name]
+        restored = {}
+        for key, value in entry.items():
+            if isinstance(value, Tensor) and value.dim() > 0 and name in expert_names:
+                value = local_slice(value, _parallel_of(model, name))
+            restored[key] = value.clone() if isinstance(value, Tensor) else value
+        if restored:
+            optimizer.state[param] = restored
