@@ -181,6 +181,7 @@ def route(
     generator: torch.Generator | None = None,
     choice: str = "token",
     selection_bias: Tensor | None = None,
+    renormalize: bool | None = None,
 ) -> Routing:
     """Route S tokens over E experts from gate logits [S, E]; the paper's defaults throughout.
 
@@ -212,6 +213,9 @@ def route(
             balancing (Liu et al. 2024, §2.1.2), whose bias the Router updates from the load.
             DeepSeek-V3 adds it to sigmoid affinities; moelab's router is a softmax, so it is
             added to the logits, which orders each token's experts the same way.
+        renormalize: whether a token's kept weights are divided by their sum. None = DeepSpeed's
+            choice per k (top-1: no, the raw probability; top-k > 1: yes). Mixtral renormalises;
+            Qwen1.5-MoE (norm_topk_prob=False) does not.
 
     Returns:
         Routing with the mapping table, router probabilities, counts, aux loss and z-loss.
@@ -333,7 +337,7 @@ def route(
 
     # ---- combine weights ------------------------------------------------------------------
     gate = probs.gather(1, expert) * kept_sk  # [S, k]: the router probability of each kept route
-    if k == 1:
+    if not (k > 1 if renormalize is None else renormalize):
         # top-1: the raw softmax probability, not renormalised (Switch / DeepSpeed).
         weight = gate
     else:
@@ -397,6 +401,7 @@ class Router(nn.Module):
         choice: str = "token",
         bias_update_rate: float = 0.0,
         generator: torch.Generator | None = None,
+        renormalize: bool | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("d_model", d_model), ("num_experts", num_experts)):
@@ -409,7 +414,7 @@ class Router(nn.Module):
         self.options = dict(k=k, min_capacity=min_capacity, drop_tokens=drop_tokens,
                             use_rts=use_rts, noisy_gate_policy=noisy_gate_policy,
                             second_expert_sampling=second_expert_sampling,
-                            drop_policy=drop_policy, choice=choice)
+                            drop_policy=drop_policy, choice=choice, renormalize=renormalize)
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = (capacity_factor if eval_capacity_factor is None
                                      else eval_capacity_factor)
