@@ -7,13 +7,14 @@ Two layouts, chosen by the Routing:
 - dropless (``routing.capacity is None``): a packed buffer [N, d] of the N kept routes sorted by
   expert, with per-expert ``offsets`` [E + 1] (expert e owns rows offsets[e]:offsets[e+1]).
 
-Two backends compute the same buffers (and gradients):
+Three backends compute the same buffers (and gradients):
 
 - "einsum": the GShard / DeepSpeed training path. It builds the one-hot dispatch mask and the
   combine-weight tensor, both [S, E, C], and runs ``einsum('sec,sm->ecm')`` and
   ``einsum('sec,ecm->sm')``: S·E·C·d multiply-adds each, of which all but S·k·d multiply zeros.
 - "index": the paper's mapping table (§5.4): each kept route knows its row ``e·C + slot``; dispatch
   is one gather and combine one gather plus a k-term weighted sum, S·k·d work.
+- "triton": the same mapping table in Triton kernels (moelab.kernels: permute, grouped FFN).
 """
 
 from __future__ import annotations
@@ -23,15 +24,16 @@ from torch import Tensor
 
 from .routing import Routing
 
-BACKENDS = ("einsum", "index")
+BACKENDS = ("einsum", "index", "triton")
 
 
 def check_backend(backend: str) -> None:
-    if backend == "triton":
-        raise ValueError("backend='triton' needs moelab's Triton kernels, which are not built "
-                         "yet (the kernels slice); use backend='index' or 'einsum'")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    if backend == "triton":
+        from .kernels import check_available  # light: finds Triton without importing it
+
+        check_available()  # Triton installed, and a CUDA GPU or TRITON_INTERPRET=1
 
 
 def expert_offsets(routing: Routing) -> Tensor:
@@ -146,6 +148,10 @@ def dispatch(x: Tensor, routing: Routing, backend: str = "index") -> Tensor:
     check_backend(backend)
     if x.dim() != 2 or x.shape[0] != routing.num_tokens:
         raise ValueError(f"x must be [tokens={routing.num_tokens}, d]; got {tuple(x.shape)}")
+    if backend == "triton":
+        from .kernels import permute  # imports Triton
+
+        return permute.dispatch(x, routing)
     flat = _dispatch_index(x, routing) if backend == "index" else _dispatch_einsum(x, routing)
     if routing.capacity is not None:
         return flat.view(routing.num_experts, routing.capacity, x.shape[-1])
@@ -155,6 +161,10 @@ def dispatch(x: Tensor, routing: Routing, backend: str = "index") -> Tensor:
 def combine(expert_out: Tensor, routing: Routing, backend: str = "index") -> Tensor:
     """Expert outputs (the layout `dispatch` made) -> [S, d], the weighted sum over k routes."""
     check_backend(backend)
+    if backend == "triton":
+        from .kernels import permute  # imports Triton
+
+        return permute.combine(expert_out, routing)
     if backend == "index":
         return _combine_index(expert_out, routing)
     return _combine_einsum(expert_out, routing)

@@ -40,7 +40,12 @@ class MoE(nn.Module):
             choice / bias_update_rate: the router's options (see `moelab.routing.route`).
         activation: "gelu" (the paper's GPT), "swiglu" or "relu". bias: biases in the experts.
         residual: Residual-MoE (§4.1.2): y = g₀(x)·MoE(x) + g₁(x)·MLP(x), g = softmax(W_c x + b_c).
-        backend: "index" (mapping table, the default) or "einsum" (one-hot masks).
+            residual_gate="sigmoid" is Qwen-MoE's shared expert instead:
+            y = MoE(x) + sigmoid(w·x)·MLP(x); residual_d_ff sets the MLP's width (default d_ff).
+        renormalize: divide each token's kept weights by their sum (None: DeepSpeed's choice,
+            yes for k > 1).
+        backend: "index" (mapping table, the default), "einsum" (one-hot masks) or "triton"
+            (the mapping table in Triton kernels; the grouped FFN reads tokens through it).
         ep_size: expert parallelism (needs an initialised process group): this rank holds
             num_experts / ep_size experts, and the token exchange runs between dispatch and
             the experts (see `moelab.dist.expert_parallel`). exchange: "flat" or "hierarchical"
@@ -77,6 +82,9 @@ class MoE(nn.Module):
         exchange: str = "flat",
         node_size: int | None = None,
         tp_size: int = 1,
+        renormalize: bool | None = None,
+        residual_gate: str = "softmax",
+        residual_d_ff: int | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts),
@@ -89,7 +97,8 @@ class MoE(nn.Module):
             eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity,
             drop_tokens=drop_tokens, use_rts=use_rts, noisy_gate_policy=noisy_gate_policy,
             second_expert_sampling=second_expert_sampling, drop_policy=drop_policy,
-            choice=choice, bias_update_rate=bias_update_rate, generator=generator)
+            choice=choice, bias_update_rate=bias_update_rate, generator=generator,
+            renormalize=renormalize)
         self.parallel = None
         if ep_size != 1 or tp_size != 1:
             from .dist.expert_parallel import ExpertParallel
@@ -101,10 +110,14 @@ class MoE(nn.Module):
         local_experts = num_experts // ep_size
         self.experts = Experts(local_experts, d_model, d_ff, activation=activation, bias=bias)
         self.num_experts = num_experts
-        self.residual = residual
+        if residual_gate not in ("softmax", "sigmoid"):
+            raise ValueError(f"residual_gate must be 'softmax' or 'sigmoid'; got {residual_gate!r}")
+        self.residual, self.residual_gate = residual, residual_gate
         if residual:
-            self.mlp = MLP(d_model, d_ff, activation=activation, bias=bias)
-            self.coefficient = nn.Linear(d_model, 2)
+            self.mlp = MLP(d_model, residual_d_ff or d_ff, activation=activation, bias=bias)
+            # DeepSpeed: a 2-way softmax mix (Linear(d, 2) with bias); Qwen: a sigmoid gate
+            self.coefficient = nn.Linear(d_model, 2 if residual_gate == "softmax" else 1,
+                                         bias=residual_gate == "softmax")
 
     def set_backend(self, backend: str) -> None:
         check_backend(backend)
@@ -133,7 +146,10 @@ class MoE(nn.Module):
         else:
             expert_out = self.experts.forward_packed(buffer, expert_offsets(routing))
         y = combine(expert_out, routing, self.backend).to(x.dtype)  # [S, d]
-        if self.residual:
+        if self.residual and self.residual_gate == "sigmoid":
+            # Qwen-MoE's shared expert: y = MoE(x) + sigmoid(w · x) · MLP(x)
+            y = y + torch.sigmoid(self.coefficient(tokens)) * self.mlp(tokens)
+        elif self.residual:
             # §4.1.2 Residual-MoE, DeepSpeed's form: coef = softmax(W_c x + b_c) per token,
             # y = coef₀ · MoE(x) + coef₁ · MLP(x).
             coef = torch.softmax(self.coefficient(tokens), dim=-1)  # [S, 2]
