@@ -87,6 +87,14 @@ class Routing:
             return float((~self.kept.any(dim=1)).float().mean().item())
         return float((~self.kept).float().mean().item())
 
+    def __repr__(self) -> str:
+        capacity = "dropless" if self.capacity is None else f"capacity={self.capacity}"
+        kind = ", expert choice" if self.expert_choice else ""
+        return (f"Routing(tokens={self.num_tokens}, experts={self.num_experts}, k={self.k}, "
+                f"{capacity}{kind}, counts={self.counts.tolist()}, "
+                f"dropped={self.drop_fraction:.1%}, aux_loss={float(self.aux_loss):.4f}, "
+                f"z_loss={float(self.z_loss):.4f})")
+
     def detach(self) -> Routing:
         """A copy holding no autograd graph (for views and metric histories)."""
         return Routing(
@@ -370,6 +378,19 @@ def _expert_choice(logits: Tensor, probs: Tensor, z_loss: Tensor, k: int,
                    expert_choice=True)
 
 
+def gate_logits(x: Tensor, weight: Tensor, jitter: bool = False,
+                generator: torch.Generator | None = None) -> Tensor:
+    """[S, d] · W_g[E, d]ᵀ -> [S, E] logits in at least float32 (fp16/bf16 route in fp32).
+
+    jitter: Switch Transformer's / DeepSpeed's "Jitter", x · U(1 - ε, 1 + ε) with ε = 1e-2.
+    """
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    if jitter:
+        noise = torch.rand(x.shape, device=x.device, generator=generator)
+        x = x * (1 - JITTER_EPS + 2 * JITTER_EPS * noise)
+    return F.linear(x, weight.to(x.dtype))
+
+
 class Router(nn.Module):
     """The gate: a bias-free linear map d_model -> num_experts, then `route`.
 
@@ -440,12 +461,8 @@ class Router(nn.Module):
         if x.shape[-1] != self.d_model:
             raise ValueError(f"router input's last dim must be d_model={self.d_model}; "
                              f"got shape {tuple(x.shape)}")
-        x = x.to(torch.promote_types(x.dtype, torch.float32))  # fp16/bf16 route in fp32
-        if self.options["noisy_gate_policy"] == "Jitter" and self.training:
-            # Jitter: x * U(1 - ε, 1 + ε), ε = 1e-2 (Switch Transformer; DeepSpeed).
-            noise = torch.rand(x.shape, device=x.device, generator=self.generator)
-            x = x * (1 - JITTER_EPS + 2 * JITTER_EPS * noise)
-        return F.linear(x, self.weight.to(x.dtype))
+        jitter = self.options["noisy_gate_policy"] == "Jitter" and self.training
+        return gate_logits(x, self.weight, jitter=jitter, generator=self.generator)
 
     def forward(self, x: Tensor) -> Routing:
         """[S, d] -> Routing."""

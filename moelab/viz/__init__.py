@@ -1,10 +1,16 @@
 """Views of moelab's data (ipywidgets + plotly). The math never imports this package.
 
-``RoutingView`` draws one Routing (token × expert heatmap, per-expert load against capacity,
-a summary) with controls that re-route the same tokens live; ``routing_table`` and
-``routing_figure`` are its data and its static figure.
+- ``RoutingView``: one Routing (token × expert heatmap, per-expert load against capacity, a
+  summary) with controls that re-route the same tokens live; ``routing_table`` and
+  ``routing_figure`` are its data and its static figure.
+- ``LoadBalanceView``: every MoE layer's expert load over training steps, live from a Trainer.
+- ``ShapeView``: a model's layers × experts drawn as the paper's PR-MoE figure.
 """
 
+from .load_balance import LoadBalanceView, load_arrays, load_balance_figure
 from .routing_view import MAX_TOKENS, RoutingView, routing_figure, routing_table
+from .shape_view import ShapeView, model_shape, shape_figure
 
-__all__ = ["RoutingView", "routing_table", "routing_figure", "MAX_TOKENS"]
+__all__ = ["RoutingView", "routing_table", "routing_figure", "MAX_TOKENS",
+           "LoadBalanceView", "load_arrays", "load_balance_figure",
+           "ShapeView", "model_shape", "shape_figure"]

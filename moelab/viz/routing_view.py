@@ -16,19 +16,21 @@ The view only reads Routing fields; it never changes the router or the logits it
 from __future__ import annotations
 
 import html
+import inspect
 from collections.abc import Sequence
 
 import ipywidgets as widgets
 import numpy as np
 import plotly.graph_objects as go
 import torch
-import torch.nn.functional as F
 from plotly.subplots import make_subplots
 from torch import Tensor
+from traitlets import TraitError
 
-from ..routing import JITTER_EPS, Router, Routing, route
+from ..routing import Router, Routing, gate_logits, route
 
 MAX_TOKENS = 64  # heatmap rows; more tokens than this are routed and counted, but not drawn
+FIGURE_WIDTH = 1000  # px; FigureWidget does not follow its output area's width on its own
 
 # Colours: a sequential scale for probabilities; kept routes white-filled markers with a dark
 # rim (visible on pale and dark cells alike); dropped routes a red cross, the same red as the
@@ -39,11 +41,14 @@ DROPPED_COLOR = "#d62728"
 CAPACITY_COLOR = "#222222"
 CHOICE_SYMBOLS = ("circle", "diamond", "square", "triangle-up", "pentagon", "hexagon", "star")
 
-# The options RoutingView.set_options accepts: `moelab.route`'s keyword arguments that a view
-# can vary, plus the seed of the generator that every random draw uses.
-ROUTE_OPTIONS = ("k", "capacity_factor", "min_capacity", "drop_tokens", "use_rts",
-                 "noisy_gate_policy", "second_expert_sampling", "drop_policy", "training",
-                 "choice")
+# The options RoutingView.set_options accepts: every keyword argument of `moelab.route` (read
+# from its signature, so a new routing option works here at once) except the ones the view owns
+# (the generator, seeded by "seed", and the router's selection bias), plus "seed".
+_ROUTE_PARAMETERS = inspect.signature(route).parameters
+ROUTE_OPTIONS = tuple(name for name, parameter in _ROUTE_PARAMETERS.items()
+                      if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+                      and name not in ("generator", "selection_bias"))
+ROUTE_DEFAULTS = {name: _ROUTE_PARAMETERS[name].default for name in ROUTE_OPTIONS}
 VIEW_OPTIONS = (*ROUTE_OPTIONS, "seed")
 
 
@@ -155,10 +160,12 @@ def _title(table: dict) -> str:
         dropped = int(table["dropped"].sum())
         what = (f"capacity C = {cap} slots per expert · {dropped}/{asked} routes dropped "
                 f"({100 * table['drop_fraction']:.1f}%)")
-    shown = (f" (heatmap: first {table['shown']} tokens)" if table["truncated"] else "")
+    if table["truncated"]:
+        what += (f" · rows: first {table['shown']} of {table['num_tokens']} tokens "
+                 f"(the bars count all)")
     routing = "expert-choice" if table["expert_choice"] else f"top-{table['k']}"
     return (f"<b>Where each token goes</b>: {routing} routing of {table['num_tokens']} tokens "
-            f"over {table['num_experts']} experts{shown}"
+            f"over {table['num_experts']} experts"
             f"<br><span style='font-size:13px'>{what}</span>")
 
 
@@ -193,13 +200,17 @@ def _figure_from_table(table: dict) -> go.Figure:
                       thickness=12, len=0.75, y=0.5),
         xgap=1, ygap=1, hovertemplate="%{text}<extra></extra>",
     ), row=1, col=1)
+    # Markers fit inside a heatmap cell: ~12 px per row, ~420 px shared by the experts.
+    cell = min(420 / num_experts, 12.5)
     fig.add_trace(go.Scatter(
         name="kept route (● 1st choice, ◆ 2nd)", mode="markers", hoverinfo="skip",
-        marker=dict(color="white", size=9, line=dict(color="#111111", width=1.5)),
+        marker=dict(color="white", size=max(4.0, min(9.0, 0.75 * cell)),
+                    line=dict(color="#111111", width=1.5 if cell > 8 else 1.0)),
     ), row=1, col=1)
     fig.add_trace(go.Scatter(
         name="dropped route (expert over capacity)", mode="markers", hoverinfo="skip",
-        marker=dict(symbol="x", color=DROPPED_COLOR, size=11, line=dict(color="white", width=1)),
+        marker=dict(symbol="x", color=DROPPED_COLOR, size=max(5.0, min(11.0, 0.9 * cell)),
+                    line=dict(color="white", width=1)),
     ), row=1, col=1)
     fig.add_trace(go.Bar(name="kept routes (processed)", x=experts, marker_color=KEPT_COLOR,
                          hovertemplate="expert %{x}: %{y} kept<extra></extra>"), row=1, col=2)
@@ -208,7 +219,10 @@ def _figure_from_table(table: dict) -> go.Figure:
     fig.add_trace(go.Scatter(name="capacity", mode="lines", hoverinfo="name",
                              line=dict(color=CAPACITY_COLOR, width=2, dash="dash")),
                   row=1, col=2)
-    tick = dict(tickmode="array", tickvals=experts, ticktext=[str(e) for e in experts])
+    if num_experts <= 16:  # every expert labelled; beyond that, let plotly space the ticks
+        tick = dict(tickmode="array", tickvals=experts, ticktext=[str(e) for e in experts])
+    else:
+        tick = dict(tickmode="auto", nticks=16)
     fig.update_xaxes(title_text="expert", side="bottom", range=[-0.5, num_experts - 0.5],
                      **tick, row=1, col=1)
     fig.update_yaxes(title_text="token", autorange="reversed", tickmode="array",
@@ -217,7 +231,8 @@ def _figure_from_table(table: dict) -> go.Figure:
     fig.update_yaxes(title_text="routes (token, choice) per expert", rangemode="tozero",
                      row=1, col=2)
     fig.update_layout(
-        barmode="stack", template="plotly_white", height=_figure_height(table["shown"]),
+        barmode="stack", template="plotly_white", width=FIGURE_WIDTH,
+        height=_figure_height(table["shown"]),
         margin=dict(l=70, r=30, t=110, b=95), font=dict(size=12),
         legend=dict(orientation="h", x=0.0, xanchor="left", yref="container", y=0.0,
                     yanchor="bottom", font=dict(size=11), traceorder="normal"),
@@ -280,14 +295,15 @@ def _summary_html(table: dict, options: dict) -> str:
         ("aux loss l_aux", f"{table['aux_loss']:.4f} (1 = balanced)"),
         ("router z-loss", f"{table['z_loss']:.4f}"),
     ]
-    body = "".join(f"<tr><td style='padding-right:10px;color:#555'>{html.escape(name)}</td>"
+    body = "".join(f"<tr><td style='padding-right:10px;color:#555;white-space:nowrap;"
+                   f"vertical-align:top'>{html.escape(name)}</td>"
                    f"<td><b>{html.escape(value)}</b></td></tr>" for name, value in rows)
     return f"<table style='font-size:13px;line-height:1.5'>{body}</table>"
 
 
 def _error_html(message: str) -> str:
     return ("<div style='color:#a40000;background:#fdecea;border-left:4px solid #d62728;"
-            "padding:6px 10px;font-size:13px;max-width:520px'>"
+            "padding:6px 10px;font-size:13px;line-height:1.4'>"
             f"<b>These options cannot route</b> (the figure still shows the last valid "
             f"routing):<br>{html.escape(message)}</div>")
 
@@ -304,7 +320,9 @@ class RoutingView:
 
     Attributes: ``widget`` (the ipywidgets box to display), ``figure`` (the go.FigureWidget),
     ``routing`` (the Routing drawn), ``table`` (its `routing_table`), ``options`` (the current
-    route options and seed), ``error`` (the message of the last rejected options, or None).
+    route options and seed), ``error`` (the message of the last rejected options, or None),
+    ``controls`` (option name -> its widget; "dropless" stands for ``drop_tokens=False``),
+    ``summary`` and ``message`` (the HTML widgets with the numbers and with route's error).
     """
 
     def __init__(self, logits: Tensor, tokens: str | Sequence | None = None, *,
@@ -312,15 +330,19 @@ class RoutingView:
                  max_tokens: int = MAX_TOKENS, **options) -> None:
         if not isinstance(logits, Tensor) or logits.dim() != 2:
             raise ValueError("logits must be a 2-D tensor [tokens, experts]")
-        self._logits = logits.detach().float()
-        self._router, self._x = router, x
+        # Snapshots on the CPU: the view re-routes these exact tokens whatever happens to the
+        # router afterwards (more training, another device).
+        self._logits = logits.detach().float().cpu()
+        self._x = None if x is None else x.detach().float().cpu()
+        self._gate_weight = None if router is None else router.weight.detach().float().cpu()
+        self._selection_bias = None
+        if router is not None and router.bias_update_rate > 0:
+            self._selection_bias = router.selection_bias.detach().float().cpu().clone()
         num_tokens, self.num_experts = self._logits.shape
         self.tokens = tokens
         token_labels(tokens, num_tokens)  # validate the length now
         self.max_tokens = max_tokens
-        self.options = dict(k=1, capacity_factor=1.0, min_capacity=4, drop_tokens=True,
-                            use_rts=True, noisy_gate_policy=None, second_expert_sampling=True,
-                            drop_policy="position", training=True, choice="token", seed=0)
+        self.options = dict(ROUTE_DEFAULTS, seed=0)  # route's own defaults: the paper's
         self._check_names(options)
         self.options.update(options)
         self.routing: Routing | None = None
@@ -333,8 +355,10 @@ class RoutingView:
             raise ValueError(self.error)
         self.figure = go.FigureWidget(_figure_from_table(self.table))
         self.widget = widgets.VBox(
-            [widgets.HBox([self._controls, widgets.VBox([self._summary, self._message])],
-                          layout=widgets.Layout(align_items="flex-start", gap="24px")),
+            [widgets.HBox([self._control_box,
+                           widgets.VBox([self.summary, self.message],
+                                        layout=widgets.Layout(margin="0 0 0 24px"))],
+                          layout=widgets.Layout(align_items="flex-start")),
              self.figure])
 
     # ---- constructors
@@ -354,14 +378,15 @@ class RoutingView:
         router = getattr(router, "router", router)
         if not isinstance(router, Router):
             raise TypeError(f"from_router needs a moelab Router or MoE; got {type(router)}")
-        x = x.detach().reshape(-1, router.d_model).float()
-        defaults = dict(router.options, training=router.training,
+        x = x.detach().reshape(-1, router.d_model).float().cpu()
+        defaults = dict({name: value for name, value in router.options.items()
+                         if name in ROUTE_OPTIONS}, training=router.training,
                         capacity_factor=(router.capacity_factor if router.training
                                          else router.eval_capacity_factor))
         if defaults["noisy_gate_policy"] == "None":
             defaults["noisy_gate_policy"] = None
         with torch.no_grad():
-            logits = F.linear(x, router.weight.float())  # clean gate logits [S, E]
+            logits = gate_logits(x, router.weight.detach().cpu())  # clean logits [S, E]
         return cls(logits, tokens, router=router, x=x, **{**defaults, **options})
 
     # ---- routing
@@ -378,25 +403,19 @@ class RoutingView:
         generator = torch.Generator().manual_seed(int(options.pop("seed")))
         logits = self._logits
         if options["noisy_gate_policy"] == "Jitter":
-            if self._router is None:
+            if self._x is None:
                 raise ValueError("Jitter multiplies the router input x by U(1-ε, 1+ε), and "
                                  "this view was built from logits only; build it with "
                                  "RoutingView.from_router(router, x) to see Jitter.")
             options["noisy_gate_policy"] = None  # applied here, to the input, as Router does
             if options["training"]:
                 logits = self._jittered_logits(generator)
-        bias = None
-        if self._router is not None and self._router.bias_update_rate > 0:
-            bias = self._router.selection_bias.detach().clone()
-        return route(logits, generator=generator, selection_bias=bias, **options)
+        return route(logits, generator=generator, selection_bias=self._selection_bias, **options)
 
     def _jittered_logits(self, generator: torch.Generator) -> Tensor:
-        # Router.logits' Jitter (Switch / DeepSpeed): x · U(1 - ε, 1 + ε), ε = 1e-2, with the
-        # view's own generator so that the seed control resamples it.
+        # The router's Jitter, with the view's own generator so the seed control resamples it.
         with torch.no_grad():
-            noise = torch.rand(self._x.shape, generator=generator)
-            jittered = self._x * (1 - JITTER_EPS + 2 * JITTER_EPS * noise)
-            return F.linear(jittered, self._router.weight.float())
+            return gate_logits(self._x, self._gate_weight, jitter=True, generator=generator)
 
     def set_options(self, **options) -> Routing | None:
         """Re-route the same tokens with new `moelab.route` options (and/or ``seed``); update
@@ -412,15 +431,15 @@ class RoutingView:
             routing = self._route()
         except ValueError as err:
             self.error = str(err)
-            self._message.value = _error_html(self.error)
-            self._message.layout.display = None
+            self.message.value = _error_html(self.error)
+            self.message.layout.display = None
             return None
         self.error = None
-        self._message.value = ""
-        self._message.layout.display = "none"
+        self.message.value = ""
+        self.message.layout.display = "none"
         self.routing = routing
         self.table = routing_table(routing, self.tokens, self.max_tokens)
-        self._summary.value = _summary_html(self.table, self.options)
+        self.summary.value = _summary_html(self.table, self.options)
         if hasattr(self, "figure"):
             with self.figure.batch_update():
                 _update_figure(self.figure, self.table)
@@ -431,27 +450,30 @@ class RoutingView:
     def _build_controls(self) -> None:
         style = {"description_width": "118px"}
         wide = widgets.Layout(width="330px")
-        self._widgets = {
+        self.controls = {
             "k": widgets.IntSlider(min=1, max=self.num_experts, description="k (experts/token)",
                                    style=style, layout=wide, continuous_update=False),
             "capacity_factor": widgets.FloatSlider(
-                min=0.25, max=4.0, step=0.25, description="capacity factor", style=style,
-                layout=wide, continuous_update=False, readout_format=".2f"),
-            "min_capacity": widgets.IntSlider(min=0, max=16, description="min capacity",
-                                              style=style, layout=wide,
-                                              continuous_update=False),
-            "choice": widgets.ToggleButtons(
-                options=[("tokens choose", "token"), ("experts choose", "expert")],
-                description="who chooses", style={**style, "button_width": "100px"}),
+                min=0.25, max=max(4.0, float(self.options["capacity_factor"])), step=0.25,
+                description="capacity factor", style=style, layout=wide,
+                continuous_update=False, readout_format=".2f"),
+            "min_capacity": widgets.IntSlider(
+                min=0, max=max(16, int(self.options["min_capacity"])),
+                description="min capacity", style=style, layout=wide, continuous_update=False),
+            "choice": widgets.Dropdown(
+                options=[("tokens pick top-k experts", "token"),
+                         ("experts pick tokens", "expert")],
+                description="who chooses", style=style, layout=wide),
             "noisy_gate_policy": widgets.Dropdown(
-                options=[("None", None),
-                         ("Jitter" if self._router is not None else "Jitter (needs a Router)",
+                options=[("None", "None"),
+                         ("Jitter" if self._x is not None else "Jitter (needs a Router)",
                           "Jitter"),
                          ("RSample (k=1 only)", "RSample")],
                 description="noise", style=style, layout=wide),
-            "drop_policy": widgets.ToggleButtons(
-                options=[("by position", "position"), ("by probability", "probs")],
-                description="drop policy", style={**style, "button_width": "100px"}),
+            "drop_policy": widgets.Dropdown(
+                options=[("by position (earlier first)", "position"),
+                         ("by probability (surer first)", "probs")],
+                description="drop policy", style=style, layout=wide),
             "use_rts": widgets.Checkbox(description="RTS: random token selection (top-1)",
                                         indent=False),
             "dropless": widgets.Checkbox(description="dropless (no capacity)", indent=False),
@@ -464,18 +486,19 @@ class RoutingView:
                                         tooltip="new seed: new noise, RTS and sampling draws",
                                         layout=widgets.Layout(width="110px"))
         self._resample.on_click(lambda _: self.set_options(seed=int(self.options["seed"]) + 1))
-        for name, widget in self._widgets.items():
+        for name, widget in self.controls.items():
             widget.observe(lambda change, name=name: self._on_control(name, change["new"]),
                            names="value")
-        w = self._widgets
-        self._controls = widgets.HBox([
-            widgets.VBox([w["k"], w["capacity_factor"], w["min_capacity"],
-                          w["noisy_gate_policy"]]),
-            widgets.VBox([w["choice"], w["drop_policy"], w["dropless"], w["use_rts"],
-                          w["training"], widgets.HBox([w["seed"], self._resample])]),
-        ], layout=widgets.Layout(gap="16px"))
-        self._summary = widgets.HTML()
-        self._message = widgets.HTML(layout=widgets.Layout(display="none"))
+        w = self.controls
+        self._control_box = widgets.HBox([
+            widgets.VBox([w["k"], w["capacity_factor"], w["min_capacity"], w["choice"],
+                          w["drop_policy"], w["noisy_gate_policy"]]),
+            widgets.VBox([w["dropless"], w["use_rts"], w["training"],
+                          widgets.HBox([w["seed"], self._resample])],
+                         layout=widgets.Layout(width="290px", margin="0 0 0 16px")),
+        ])
+        self.summary = widgets.HTML(layout=widgets.Layout(width="380px"))
+        self.message = widgets.HTML(layout=widgets.Layout(display="none", width="380px"))
         self._sync_controls()
 
     def _on_control(self, name: str, value) -> None:
@@ -483,24 +506,28 @@ class RoutingView:
             return
         if name == "dropless":
             self.set_options(drop_tokens=not value)
+        elif name == "noisy_gate_policy":
+            self.set_options(noisy_gate_policy=None if value == "None" else value)
         else:
             self.set_options(**{name: value})
 
     def _sync_controls(self) -> None:
         """Show the current options on the controls (without re-routing per control) and grey
         out the controls that cannot change the routing under the other options."""
-        opts, w = self.options, self._widgets
+        opts, w = self.options, self.controls
         values = dict(opts, dropless=not opts["drop_tokens"])
+        if values["noisy_gate_policy"] is None:
+            values["noisy_gate_policy"] = "None"  # a Dropdown's None means "nothing selected"
         self._syncing = True
         try:
             for name, widget in w.items():
                 value = values[name]
-                if isinstance(widget, widgets.Dropdown | widgets.ToggleButtons) and \
+                if isinstance(widget, widgets.Dropdown) and \
                         value not in [v for _, v in widget.options]:
                     continue  # an invalid value: route reports it; the control keeps its own
                 try:
                     widget.value = value
-                except Exception:  # a value outside a slider's range: route judges it
+                except TraitError:  # a value the control cannot hold: route judges it
                     pass
         finally:
             self._syncing = False
