@@ -62,7 +62,6 @@ def ep_equivalence(cases: list[dict], ep_size: int, d_model: int = 8, d_ff: int 
             xi = x.clone().requires_grad_()
             y, routing = layer(xi)
             (y * probe).sum().backward()
-            expert_grads = torch.cat([p.grad.reshape(-1) for p in layer.experts.parameters()])
             outputs[name] = (y.detach(), xi.grad, layer.router.weight.grad.clone(),
                              layer.experts, routing)
         # expert gradients: the reference's summed over every rank's tokens (each TP group's

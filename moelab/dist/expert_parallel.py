@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .alltoall import ExchangeStats, Exchanger, _permute_blocks, hierarchical_subgroups
+from .alltoall import Exchanger, ExchangeStats, _permute_blocks, hierarchical_subgroups
 from .groups import check_ep_size
 from .tracing import operation
 
@@ -85,6 +85,10 @@ class ExpertParallel:
                              f"tp_size; got world {world}, ep_size {ep_size}, tp_size {tp_size}")
         if node_size is not None and ep_size % node_size:
             raise ValueError(f"node_size={node_size} must divide ep_size={ep_size}")
+        if exchange == "hierarchical" and not 1 < node_size < ep_size:
+            raise ValueError(f"exchange='hierarchical' needs 1 < node_size < ep_size={ep_size} "
+                             f"(got node_size={node_size}); with one node it is the flat "
+                             "exchange: use exchange='flat'")
         self.num_experts, self.ep_size, self.tp_size = num_experts, ep_size, tp_size
         self.exchange, self.node_size = exchange, node_size
         self._check_same_config_everywhere({**(layer_config or {}), "num_experts": num_experts,
@@ -101,7 +105,9 @@ class ExpertParallel:
             node_size=node_size if exchange == "hierarchical" else None,
             intra_group=groups.get("intra"), inter_group=groups.get("inter"))
         self.stats = ExchangeStats()
-        self.last_traffic: Tensor | None = None  # [P, P] rows sent src -> dst, last exchange
+        # [P, P] rows sent src -> dst in the last exchange, indexed by position in the EP group
+        # (global rank = self.ep_ranks[position])
+        self.last_traffic: Tensor | None = None
 
     @property
     def num_local_experts(self) -> int:

@@ -5,12 +5,16 @@
   ``routing_figure`` are its data and its static figure.
 - ``LoadBalanceView``: every MoE layer's expert load over training steps, live from a Trainer.
 - ``ShapeView``: a model's layers × experts drawn as the paper's PR-MoE figure.
+- ``ParallelView``: expert placement, the rank × rank token traffic, messages per rank and load
+  of an expert-parallel run, live from `moelab.dist.launch(..., on_metric=view.update)`.
 """
 
 from .load_balance import LoadBalanceView, load_arrays, load_balance_figure
+from .parallel_view import ParallelView, parallel_data, parallel_figure
 from .routing_view import MAX_TOKENS, RoutingView, routing_figure, routing_table
 from .shape_view import ShapeView, model_shape, shape_figure
 
 __all__ = ["RoutingView", "routing_table", "routing_figure", "MAX_TOKENS",
            "LoadBalanceView", "load_arrays", "load_balance_figure",
-           "ShapeView", "model_shape", "shape_figure"]
+           "ShapeView", "model_shape", "shape_figure",
+           "ParallelView", "parallel_data", "parallel_figure"]
