@@ -306,7 +306,7 @@ def route(
 
     if not drop_tokens:
         capacity = None
-        kept = torch.ones_like(flat_expert, dtype=torch.bool)
+        flat_slot = _rank_within_expert(flat_expert, num_experts)  # every route kept
     else:
         capacity = expert_capacity(num_tokens, num_experts, capacity_factor, k, min_capacity)
         if k == 1 and use_rts and training:
@@ -328,18 +328,20 @@ def route(
             priority = None
         if priority is None:
             rank = _rank_within_expert(flat_expert, num_experts)
+            # the first C routes of each expert in route order keep their rank as their slot
+            flat_slot = torch.where(rank < capacity, rank, torch.full_like(rank, -1))
         else:
             # Sort by descending priority (stable, so ties keep route order), then rank by expert.
             by_priority = torch.argsort(priority, descending=True, stable=True)
             rank = torch.empty_like(flat_expert)
             rank[by_priority] = _rank_within_expert(flat_expert[by_priority], num_experts)
-        kept = rank < capacity
-
-    # Slots: kept routes are numbered 0, 1, ... per expert in route order (DeepSpeed's
-    # cumsum(mask) - 1 over the kept mask), so every buffer is filled from its first row.
-    ranked_expert = torch.where(kept, flat_expert, torch.full_like(flat_expert, num_experts))
-    flat_slot = torch.where(kept, _rank_within_expert(ranked_expert, num_experts),
-                            torch.full_like(flat_expert, -1))
+            # Slots: kept routes are numbered 0, 1, ... per expert in route order (DeepSpeed's
+            # cumsum(mask) - 1 over the kept mask), so every buffer fills from its first row.
+            kept = rank < capacity
+            ranked_expert = torch.where(kept, flat_expert,
+                                        torch.full_like(flat_expert, num_experts))
+            flat_slot = torch.where(kept, _rank_within_expert(ranked_expert, num_experts),
+                                    torch.full_like(flat_expert, -1))
     slot = flat_slot.view(k, num_tokens).t() if k == 2 else flat_slot.view(num_tokens, k)
     kept_sk = slot >= 0  # [S, k]
 
