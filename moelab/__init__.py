@@ -5,11 +5,12 @@ The math lives here and imports only torch, einops and numpy; the views live in 
 
 from .dispatch import combine, dispatch, dispatch_masks, expert_offsets
 from .experts import Experts
+from .inference import KVCache, generate
 from .layer import MLP, MoE
 from .routing import Router, Routing, expert_capacity, route
 
 __all__ = [
     "MLP", "MoE", "Experts", "Router", "Routing", "route", "expert_capacity",
-    "dispatch", "combine", "dispatch_masks", "expert_offsets",
+    "dispatch", "combine", "dispatch_masks", "expert_offsets", "generate", "KVCache",
 ]
 __version__ = "0.1.0"

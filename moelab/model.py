@@ -172,6 +172,48 @@ def preset(name: str, **overrides) -> GPTConfig:
     return replace(PRESETS[name], **overrides)
 
 
+class KVCache:
+    """Keys and values of every layer for a batch, allocated once for ``max_length`` positions.
+
+    ``k`` and ``v`` are [n_layer, B, n_head, max_length, head_dim]; positions [0, length) hold
+    the tokens seen so far. `GPT.forward(idx, cache=cache)` writes the new tokens' keys and values
+    at [length, length + T), attends over [0, length + T) and advances ``length``; nothing is
+    reallocated during a generation.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_length: int, *,
+                 device: str | torch.device | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        if not 1 <= max_length <= config.block_size:
+            raise ValueError(f"max_length must be in [1, block_size={config.block_size}]; "
+                             f"got {max_length}")
+        head_dim = config.d_model // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, max_length, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_length(self) -> int:
+        return self.k.shape[3]
+
+    def layer(self, index: int) -> LayerKV:
+        return LayerKV(self.k[index], self.v[index], self.length)
+
+
+@dataclass
+class LayerKV:
+    """One layer's view of a KVCache: buffers [B, H, max_length, e] and where new tokens go."""
+
+    k: Tensor
+    v: Tensor
+    start: int
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -180,11 +222,29 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.d_model, config.d_model)
         self.dropout = config.dropout
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: LayerKV | None = None) -> Tensor:
         q, k, v = rearrange(self.qkv(x), "b t (three h e) -> three b h t e", three=3,
                             h=self.n_head)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        dropout = self.dropout if self.training else 0.0
+        if cache is None or cache.start == 0:
+            if cache is not None:  # prefill: keep this chunk's keys and values
+                cache.k[:, :, :k.shape[2]] = k
+                cache.v[:, :, :v.shape[2]] = v
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        else:
+            # decode (or a later chunk): the new T tokens sit at positions start..start+T-1 and
+            # attend to every cached position up to their own.
+            start, length = cache.start, q.shape[2]
+            end = start + length
+            cache.k[:, :, start:end] = k
+            cache.v[:, :, start:end] = v
+            keys, values = cache.k[:, :, :end], cache.v[:, :, :end]  # [B, H, end, e]
+            mask = None
+            if length > 1:  # query i (position start + i) sees keys 0..start + i
+                mask = (torch.arange(end, device=x.device)[None, :]
+                        <= torch.arange(start, end, device=x.device)[:, None])  # [T, end]
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                               dropout_p=dropout)
         return self.proj(rearrange(y, "b h t e -> b t (h e)"))
 
 
@@ -215,8 +275,8 @@ class Block(nn.Module):
     def is_moe(self) -> bool:
         return isinstance(self.ffn, MoE)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Routing | None]:
-        x = x + self.dropout(self.attn(self.ln_1(x)))
+    def forward(self, x: Tensor, cache: LayerKV | None = None) -> tuple[Tensor, Routing | None]:
+        x = x + self.dropout(self.attn(self.ln_1(x), cache))
         if self.is_moe:
             y, routing = self.ffn(self.ln_2(x))
         else:
@@ -270,17 +330,28 @@ class GPT(nn.Module):
         with torch.device(device) if device is not None else nullcontext():
             return cls(preset(name, **overrides))
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> GPTOutput:
+    def forward(self, idx: Tensor, targets: Tensor | None = None,
+                cache: KVCache | None = None) -> GPTOutput:
+        """``cache``: a KVCache (see `moelab.inference.generate`); idx then holds only the new
+        tokens, at positions cache.length, cache.length + 1, ..., and the cache advances."""
         batch, length = idx.shape
-        if length > self.config.block_size:
-            raise ValueError(f"sequence length {length} exceeds block_size="
+        start = 0 if cache is None else cache.length
+        if start + length > self.config.block_size:
+            raise ValueError(f"sequence length {start + length} exceeds block_size="
                              f"{self.config.block_size}; crop the input or raise block_size")
-        positions = torch.arange(length, device=idx.device)
+        if cache is not None and (start + length > cache.max_length
+                                  or batch != cache.batch_size):
+            raise ValueError(f"the KV cache holds {cache.batch_size} sequences of up to "
+                             f"{cache.max_length} positions; got {batch} sequences reaching "
+                             f"position {start + length}")
+        positions = torch.arange(start, start + length, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(positions))  # [B, T, d]
         routings = []
-        for block in self.blocks:
-            x, routing = block(x)
+        for i, block in enumerate(self.blocks):
+            x, routing = block(x, None if cache is None else cache.layer(i))
             routings.append(routing)
+        if cache is not None:
+            cache.length = start + length
         logits = self.lm_head(self.ln_f(x))  # [B, T, V]
         moe = [r for r in routings if r is not None]
         aux_loss = sum((r.aux_loss for r in moe), logits.new_zeros(()))

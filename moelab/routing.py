@@ -458,6 +458,16 @@ class Router(nn.Module):
     def k(self) -> int:
         return self.options["k"]
 
+    @property
+    def drop_tokens(self) -> bool:
+        """Capacity dropping on (True) or dropless routing (False); switchable, e.g. for
+        serving (`moelab.inference.inference_mode`)."""
+        return self.options["drop_tokens"]
+
+    @drop_tokens.setter
+    def drop_tokens(self, value: bool) -> None:
+        self.options["drop_tokens"] = bool(value)
+
     def logits(self, x: Tensor) -> Tensor:
         """[S, d] -> [S, E] gate logits in at least float32 (Jitter noise while training)."""
         if x.shape[-1] != self.d_model:

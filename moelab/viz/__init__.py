@@ -7,8 +7,18 @@
 - ``ShapeView``: a model's layers × experts drawn as the paper's PR-MoE figure.
 - ``ParallelView``: expert placement, the rank × rank token traffic, messages per rank and load
   of an expert-parallel run, live from `moelab.dist.launch(..., on_metric=view.update)`.
+- ``LatencyView``: where decode time goes (per component, backend, batch size);
+  ``ServingView``: the paper-scale serving cost model with sliders.
 """
 
+from .latency_view import (
+                           LatencyView,
+                           ServingView,
+                           latency_figure,
+                           latency_table,
+                           serving_figure,
+                           serving_table,
+)
 from .load_balance import LoadBalanceView, load_arrays, load_balance_figure
 from .parallel_view import ParallelView, parallel_data, parallel_figure
 from .routing_view import MAX_TOKENS, RoutingView, routing_figure, routing_table
@@ -17,4 +27,6 @@ from .shape_view import ShapeView, model_shape, shape_figure
 __all__ = ["RoutingView", "routing_table", "routing_figure", "MAX_TOKENS",
            "LoadBalanceView", "load_arrays", "load_balance_figure",
            "ShapeView", "model_shape", "shape_figure",
-           "ParallelView", "parallel_data", "parallel_figure"]
+           "ParallelView", "parallel_data", "parallel_figure",
+           "LatencyView", "ServingView", "latency_figure", "latency_table", "serving_figure",
+           "serving_table"]
