@@ -91,6 +91,7 @@ EINSUM_MAX_BYTES = 4e9
 EINSUM_MAX_S = 20.0
 INIT_STD = 0.02
 START, END = "<!-- bench_layer:start -->", "<!-- bench_layer:end -->"
+NOTES = "<!-- bench_layer:notes (hand-written, kept by reruns) -->"
 
 FULL_GRID = dict(T=(512, 4096), d=(256, 1024), E=(8, 32), k=(1, 2))
 QUICK_GRID = dict(T=(64,), d=(32,), E=(4,), k=(1, 2))
@@ -529,7 +530,11 @@ CPU time:
     if args.out is not None:  # replace (or add) this script's section; keep the others
         args.out.parent.mkdir(parents=True, exist_ok=True)
         text = args.out.read_text() if args.out.exists() else "# Benchmark results\n"
-        section = f"{START}\n{report.strip()}\n{END}"
+        old = re.search(re.escape(START) + "(.*?)" + re.escape(END), text, flags=re.S)
+        notes = ""  # hand-written notes at the end of the old section survive the rerun
+        if old is not None and NOTES in old.group(1):
+            notes = "\n\n" + NOTES + old.group(1).split(NOTES, 1)[1].rstrip()
+        section = f"{START}\n{report.strip()}{notes}\n{END}"
         if START in text:
             text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: section, text,
                           flags=re.S)
