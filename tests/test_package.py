@@ -7,9 +7,10 @@ import sys
 
 
 def test_import_moelab_is_light():
-    code = ("import sys, moelab, moelab.kernels; "
-            "heavy = [m for m in ('plotly', 'ipywidgets', 'triton', 'matplotlib', 'pandas') "
-            "if m in sys.modules]; print(heavy); assert not heavy, heavy")
+    code = ("import sys, moelab, moelab.kernels, moelab.inference, moelab.serving, "
+            "moelab.interop; heavy = [m for m in ('plotly', 'ipywidgets', 'triton', "
+            "'matplotlib', 'pandas', 'transformers') if m in sys.modules]; "
+            "print(heavy); assert not heavy, heavy")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr + result.stdout
