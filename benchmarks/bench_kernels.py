@@ -42,6 +42,7 @@ import re
 import statistics
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -131,6 +132,13 @@ def permute_round_trip(x, routing, backend):
     return moelab.combine(moelab.dispatch(x, routing, backend), routing, backend)
 
 
+def relative_error(got, expected) -> float:
+    """max |got - expected| / max |expected|, in float32: a check that the timed kernels compute
+    what the torch path computes (bf16 rounding gives ~1e-2)."""
+    expected = expected.float()
+    return float((got.float() - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+
+
 def free():
     gc.collect()
     if torch.cuda.is_available():
@@ -169,8 +177,8 @@ def grouped_ffn_section(grid, dtype, device, bench, mm_tflops, copy_gbps) -> lis
     compute = ["## Grouped expert FFN (SwiGLU, no bias; expert_ffn reads tokens through the "
                "mapping table)", "",
                "| d_model | d_ff | E | k | tokens/expert | tokens | triton ms | TFLOP/s | "
-               "% of matmul | torch (index) ms | speed-up |",
-               "|---|---|---|---|---|---|---|---|---|---|---|"]
+               "% of matmul | torch (index) ms | speed-up | rel. error |",
+               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     decode = ["## Decode: grouped FFN as weight streaming (tokens/expert <= 16)", "",
               "| d_model | d_ff | E | tokens/expert | experts touched | weight bytes | "
               "triton ms | GB/s | % of copy |", "|---|---|---|---|---|---|---|---|---|"]
@@ -184,6 +192,8 @@ def grouped_ffn_section(grid, dtype, device, bench, mm_tflops, copy_gbps) -> lis
                 x = torch.randn(num_tokens, d_model, dtype=dtype, device=device)
                 offsets = moelab.expert_offsets(routing)
                 with torch.no_grad():
+                    error = relative_error(expert_ffn(x, routing, experts),
+                                           torch_ffn(experts, x, routing, offsets))
                     triton_ms = bench(partial(expert_ffn, x, routing, experts))
                     torch_ms = bench(partial(torch_ffn, experts, x, routing, offsets))
                 flops = 6 * num_tokens * k * d_model * d_ff
@@ -191,7 +201,7 @@ def grouped_ffn_section(grid, dtype, device, bench, mm_tflops, copy_gbps) -> lis
                 compute.append(
                     f"| {d_model} | {d_ff} | {num_experts} | {k} | {m} | {num_tokens} | "
                     f"{triton_ms:.3f} | {tflops:.1f} | {100 * tflops / mm_tflops:.0f}% | "
-                    f"{torch_ms:.3f} | {torch_ms / triton_ms:.2f}x |")
+                    f"{torch_ms:.3f} | {torch_ms / triton_ms:.2f}x | {error:.1e} |")
                 if m <= 16:
                     touched = int((routing.load > 0).sum())
                     weight_bytes = touched * 3 * d_model * d_ff * experts.w_in.element_size()
@@ -236,7 +246,8 @@ def layer_section(grid, dtype, device, bench) -> list[str]:
     lines = ["## MoE layer: einsum vs index vs triton (GELU experts with bias, top-2, capacity "
              "factor 1, eval)", "",
              "| d_model | d_ff | E | tokens | C | einsum ms | index ms | triton ms | "
-             "einsum/triton | index/triton |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "einsum/triton | index/triton | rel. error |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for d_model, d_ff in grid.shapes:
         for num_experts in grid.experts:
             previous = torch.get_default_dtype()
@@ -249,7 +260,7 @@ def layer_section(grid, dtype, device, bench) -> list[str]:
             for num_tokens in grid.layer_tokens:
                 x = torch.randn(num_tokens, d_model, dtype=dtype, device=device)
                 capacity = moelab.expert_capacity(num_tokens, num_experts, 1.0, grid.k)
-                times = {}
+                times, outputs = {}, {}
                 for backend in ("einsum", "index", "triton"):
                     if backend == "einsum" and \
                             num_tokens * num_experts * capacity * d_model > EINSUM_MAX_MACS:
@@ -257,6 +268,7 @@ def layer_section(grid, dtype, device, bench) -> list[str]:
                         continue
                     layer.set_backend(backend)
                     with torch.no_grad():
+                        outputs[backend] = layer(x)[0]
                         times[backend] = bench(partial(layer, x))
                 einsum = ("skipped" if times["einsum"] != times["einsum"]
                           else f"{times['einsum']:.3f}")
@@ -264,10 +276,52 @@ def layer_section(grid, dtype, device, bench) -> list[str]:
                          else f"{times['einsum'] / times['triton']:.1f}x")
                 lines.append(f"| {d_model} | {d_ff} | {num_experts} | {num_tokens} | {capacity} |"
                              f" {einsum} | {times['index']:.3f} | {times['triton']:.3f} | "
-                             f"{ratio} | {times['index'] / times['triton']:.2f}x |")
+                             f"{ratio} | {times['index'] / times['triton']:.2f}x | "
+                             f"{relative_error(outputs['triton'], outputs['index']):.1e} |")
+                del outputs
                 del x
             del layer
             free()
+    return lines + [""]
+
+
+SWEEP_BLOCKS = ((16, 64, 128), (16, 128, 128), (32, 64, 128), (64, 128, 64), (128, 128, 64),
+                (128, 64, 64), (128, 128, 32), (64, 256, 64))
+
+
+def sweep_section(grid, dtype, device, bench) -> list[str]:
+    """The grouped FFN's time for several (BLOCK_M, BLOCK_N, BLOCK_K) at one decode-size and
+    one compute-bound point: the data for choosing ``grouped_ffn._blocks``' defaults."""
+    from moelab.kernels import expert_ffn
+    from moelab.kernels.grouped_ffn import _blocks
+
+    d_model, d_ff = grid.shapes[0]
+    num_experts = grid.experts[0]
+    points = (min(grid.tokens_per_expert[1:2] or grid.tokens_per_expert),
+              max(grid.tokens_per_expert))
+    lines = [f"## Tile sweep: grouped FFN ms by (BLOCK_M, BLOCK_N, BLOCK_K), d_model {d_model}, "
+             f"d_ff {d_ff}, E {num_experts}, k {grid.k}", "",
+             "| tokens/expert | default blocks | default ms | "
+             + " | ".join("x".join(map(str, b)) for b in SWEEP_BLOCKS) + " |",
+             "|---|---|---|" + "---|" * len(SWEEP_BLOCKS)]
+    experts = make_experts(num_experts, d_model, d_ff, "swiglu", False, dtype, device)
+    for m in points:
+        num_tokens = max(1, m * num_experts // grid.k)
+        routing = balanced_routing(num_tokens, num_experts, grid.k, device)
+        x = torch.randn(num_tokens, d_model, dtype=dtype, device=device)
+        cells = []
+        with torch.no_grad():
+            default = bench(partial(expert_ffn, x, routing, experts))
+            for blocks in SWEEP_BLOCKS:
+                try:
+                    run = partial(expert_ffn, x, routing, experts, blocks=blocks)
+                    cells.append(f"{bench(run):.3f}")
+                except Exception as error:  # noqa: BLE001 - e.g. out of shared memory
+                    cells.append(type(error).__name__)
+        chosen = "x".join(map(str, _blocks(m, device == "cpu")))
+        lines.append(f"| {m} | {chosen} | {default:.3f} | " + " | ".join(cells) + " |")
+    del experts
+    free()
     return lines + [""]
 
 
@@ -335,6 +389,7 @@ def main() -> int:
     torch.manual_seed(0)
     bench = timer(device)
     started = time.perf_counter()
+    failures: list[str] = []
 
     import triton
 
@@ -347,31 +402,48 @@ def main() -> int:
     if args.dry_run:
         header += ["**Dry run**: tiny shapes on the Triton interpreter; the timings below only "
                    "show that the script runs and mean nothing about speed.", ""]
-    mm_tflops, copy_gbps, lines = ceilings(grid, dtype, device, bench)
-    lines += grouped_ffn_section(grid, dtype, device, bench, mm_tflops, copy_gbps)
-    lines += gating_permute_section(grid, dtype, device, bench)
-    lines += layer_section(grid, dtype, device, bench)
     bytes_lines = bytes_section(GPU_GRID, 2)  # the issue's shapes in bf16, whatever the run
+    if args.dry_run and args.out is not None:
+        body = ["## Triton kernels (`benchmarks/bench_kernels.py`)", "",
+                f"{datetime.date.today()}: no GPU numbers from this run. The script ran as "
+                "`--dry-run` (CPU, Triton interpreter), whose timings mean nothing. Run "
+                "`python benchmarks/bench_kernels.py --out benchmarks/RESULTS.md` on a CUDA "
+                "GPU (about 5 minutes) to fill this section with the ceilings, the grouped "
+                "FFN's % of the matmul ceiling, decode % of copy bandwidth, gating/permute "
+                "times and the einsum/index/triton layer table.", "", *bytes_lines]
+    mm_tflops, copy_gbps, lines = ceilings(grid, dtype, device, bench)
+    print("\n".join(header + lines), flush=True)
+    sections = [
+        ("grouped FFN", partial(grouped_ffn_section, grid, dtype, device, bench, mm_tflops,
+                                copy_gbps)),
+        ("gating and permute", partial(gating_permute_section, grid, dtype, device, bench)),
+        ("MoE layer", partial(layer_section, grid, dtype, device, bench)),
+        ("tile sweep", partial(sweep_section, grid, dtype, device, bench)),
+    ]
+    for title, section in sections:
+        # One failing section (a compile error on a new GPU, memory) must not cost the others
+        # their numbers: record the error in the table and go on.
+        try:
+            part = section()
+        except Exception as error:  # noqa: BLE001 - reported in the results, then re-raised
+            part = [f"## {title}: FAILED", "", "```", *traceback.format_exception(error)[-6:],
+                    "```", ""]
+            failures.append(title)
+        lines += part
+        print("\n".join(part), flush=True)
+        if args.out is not None and not args.dry_run:  # partial results survive a time-out
+            write_section(args.out, "\n".join([START, *header, *lines, END]))
     lines += bytes_lines
     lines.append(f"Total time: {time.perf_counter() - started:.0f} s.")
-    print("\n".join(header + lines))
+    print("\n".join(bytes_lines + lines[-1:]))
 
     if args.out is not None:
-        if args.dry_run:
-            body = ["## Triton kernels (`benchmarks/bench_kernels.py`)", "",
-                    f"{datetime.date.today()}: no GPU numbers yet. The script has only run as "
-                    "`--dry-run` (CPU, Triton interpreter), whose timings mean nothing. What is "
-                    "known without a GPU: every kernel matches moelab's torch reference in the "
-                    "interpreter (float32 and float16; tests/test_kernels.py) and compiles to "
-                    "an sm_90 cubin (bf16) with the ptxas shipped in the triton wheel. Run "
-                    "`python benchmarks/bench_kernels.py --out benchmarks/RESULTS.md` on a CUDA "
-                    "GPU (about 5 minutes) to fill this section with the ceilings, the grouped "
-                    "FFN's % of the matmul ceiling, decode % of copy bandwidth, gating/permute "
-                    "times and the einsum/index/triton layer table.", "", *bytes_lines]
-        else:
-            body = header + lines
-        write_section(args.out, "\n".join([START, *body, END]))
+        write_section(args.out, "\n".join([START, *(body if args.dry_run else header + lines),
+                                            END]))
         print(f"\nwrote {args.out}")
+    if failures:
+        print(f"FAILED sections: {', '.join(failures)}", file=sys.stderr)
+        return 1
     return 0
 
 

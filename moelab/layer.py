@@ -128,10 +128,11 @@ class MoE(nn.Module):
             raise ValueError(f"MoE input's last dim must be d_model={self.d_model}; "
                              f"got shape {tuple(x.shape)}")
         tokens = x.reshape(-1, self.d_model)  # [..., d] -> [S, d]
-        routing = self.router(tokens)
-        # backend "triton" (no expert parallelism): the grouped GEMM reads each route's token row
-        # through the mapping table, so dispatch's permuted copy of the tokens is never written.
+        # backend "triton" (no expert parallelism): in eval the fused gate writes the mapping
+        # table, and the grouped GEMM reads each route's token row through it, so dispatch's
+        # permuted copy of the tokens is never written.
         fused = self.backend == "triton" and self.parallel is None
+        routing = self.router(tokens, fused=fused)
         buffer = None if fused else dispatch(tokens, routing, self.backend)  # [E, C, d] / [N, d]
         if fused:
             from .kernels.grouped_ffn import expert_ffn  # imports Triton

@@ -476,11 +476,31 @@ class Router(nn.Module):
         jitter = self.options["noisy_gate_policy"] == "Jitter" and self.training
         return gate_logits(x, self.weight, jitter=jitter, generator=self.generator)
 
-    def forward(self, x: Tensor) -> Routing:
-        """[S, d] -> Routing."""
+    def fused_eligible(self, logits: Tensor) -> bool:
+        """Whether the fused Triton gate (``moelab.kernels.fused_route``) gives this router's
+        answer: eval, k <= 2, position-ordered token choice, no selection bias, float32 logits
+        that need no gradient. Everything else (training, RTS, noise, probs-ordered dropping,
+        expert choice, k > 2) is ``route``'s."""
+        options = self.options
+        return (not self.training and options["k"] <= 2 and options["choice"] == "token"
+                and options["drop_policy"] == "position" and self.bias_update_rate == 0
+                and logits.dtype == torch.float32
+                and not (logits.requires_grad and torch.is_grad_enabled()))
+
+    def forward(self, x: Tensor, *, fused: bool = False) -> Routing:
+        """[S, d] -> Routing. ``fused=True`` (MoE's "triton" backend) routes with the fused
+        Triton gate where `fused_eligible` says it gives the same answer, else with `route`."""
+        logits = self.logits(x)
+        if fused and self.fused_eligible(logits):
+            from .kernels.gating import fused_route  # imports Triton
+
+            return fused_route(logits, k=self.k, capacity_factor=self.eval_capacity_factor,
+                               min_capacity=self.options["min_capacity"],
+                               drop_tokens=self.drop_tokens,
+                               renormalize=self.options["renormalize"])
         policy = self.options["noisy_gate_policy"]
         routing = route(
-            self.logits(x),
+            logits,
             capacity_factor=self.capacity_factor if self.training else self.eval_capacity_factor,
             training=self.training,
             generator=self.generator,

@@ -302,6 +302,35 @@ def test_moe_triton_expert_choice_and_half_forward():
         torch.testing.assert_close(y, reference, **tol)
 
 
+@pytest.mark.parametrize("options", [dict(num_experts=4, k=1), dict(num_experts=8, k=2),
+                                     dict(num_experts=4, k=2, drop_tokens=False)])
+def test_moe_triton_eval_routes_with_the_fused_gate(options, monkeypatch):
+    """In eval under no_grad, backend "triton" routes with fused_route (counted through a spy)
+    and gives the "index" backend's routing and output; training and grad-enabled calls do not
+    use it."""
+    from moelab.kernels import gating
+
+    calls = []
+    real = gating.fused_route
+    monkeypatch.setattr(gating, "fused_route", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    torch.manual_seed(2)
+    layer = MoE(16, 32, min_capacity=0, **options).to(DEVICE).eval()
+    x = torch.randn(37, 16, device=DEVICE)
+    with torch.no_grad():
+        layer.set_backend("index")
+        reference, routing = layer(x)
+        layer.set_backend("triton")
+        with poisoned():
+            y, fused = layer(x)
+    assert calls == [1]
+    assert torch.equal(fused.expert, routing.expert) and torch.equal(fused.slot, routing.slot)
+    torch.testing.assert_close(fused.counts, routing.counts)
+    torch.testing.assert_close(y, reference, rtol=1e-5, atol=1e-6)
+    layer(x)  # grad enabled: the gate's logits need a backward, so route() runs
+    layer.train()(x)
+    assert calls == [1]
+
+
 # ------------------------------------------------------------------------------- bad inputs
 
 def test_bad_inputs_raise_clear_errors():
