@@ -187,11 +187,16 @@ class Schedule(NamedTuple):
     block_m: int
 
 
-def tile_schedule(routing_or_load: Routing | Tensor, block_m: int = 16) -> Schedule:
-    """The (expert, row-tile) pairs one grouped-GEMM launch runs, from a Routing (or loads [E])."""
+def tile_schedule(routing_or_load: Routing | Tensor, block_m: int = 16,
+                  load_host: Tensor | None = None) -> Schedule:
+    """The (expert, row-tile) pairs one grouped-GEMM launch runs, from a Routing (or loads [E]).
+
+    The grid size is the number of tiles, so the loads must reach the host: pass ``load_host``
+    when the caller already copied them, else this copies them (one wait for the device)."""
     load = routing_or_load.load if isinstance(routing_or_load, Routing) else routing_or_load
     device = load.device
-    load_host = load.cpu()  # one device -> host copy: the grid size is the number of tiles
+    if load_host is None:
+        load_host = load.cpu()
     tiles = (load_host + block_m - 1) // block_m  # [E]
     tile_expert = torch.repeat_interleave(torch.arange(load_host.numel()), tiles)  # [T]
     first_tile = torch.cumsum(tiles, 0) - tiles
@@ -357,7 +362,9 @@ def expert_ffn(x: Tensor, routing: Routing, experts: Experts, *, scattered: bool
     if routing.num_experts != experts.num_experts:
         raise ValueError(f"routing has {routing.num_experts} experts, the bank "
                          f"{experts.num_experts}")
-    table = layout(routing)
+    load = routing.load  # [E] on the device
+    load_host = load.cpu()  # the one wait for the device: grid size, tile sizes and N need it
+    table = layout(routing, load_host)
     d_model = experts.d_model
     if scattered:
         if x.dim() != 2 or x.shape != (routing.num_tokens, d_model):
@@ -371,12 +378,11 @@ def expert_ffn(x: Tensor, routing: Routing, experts: Experts, *, scattered: bool
     check_launch(_grouped_gemm_kernel, x, *params)
     x2d = x.reshape(-1, d_model)
     x2d = x2d if x2d.stride(1) == 1 else x2d.contiguous()
-    schedule_load = routing.load
-    max_load = int(schedule_load.max().item()) if schedule_load.numel() else 0
+    max_load = int(load_host.max()) if load_host.numel() else 0
     chosen = blocks or _blocks(max_load, is_interpreted(_grouped_gemm_kernel))
     if len(chosen) != 3 or any(b < 16 or b & (b - 1) for b in chosen):
         raise ValueError(f"blocks must be three powers of 2 >= 16; got {chosen}")
-    schedule = tile_schedule(schedule_load, chosen[0])
+    schedule = tile_schedule(load, chosen[0], load_host)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or
                                               any(p.requires_grad for p in params))
     plan = _Plan(table, schedule, source_rows(table) if scattered else None,

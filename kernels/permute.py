@@ -143,17 +143,20 @@ class Table(NamedTuple):
         return self.expert.shape[0]
 
 
-def layout(routing: Routing) -> Table:
+def layout(routing: Routing, load_host: Tensor | None = None) -> Table:
     """The kernels' view of a Routing.
 
-    Capacity: E·C rows, base[e] = e·C. Dropless: N kept routes, base[e] = the packed offset."""
+    Capacity: E·C rows, base[e] = e·C. Dropless: N kept routes, base[e] = the packed offset; N
+    is read from ``load_host`` (the loads already copied to the host) when given, else from the
+    device (one wait)."""
     _check_routing(routing)
     if routing.capacity is not None:
         base = torch.arange(routing.num_experts, device=routing.slot.device) * routing.capacity
         rows = routing.num_experts * routing.capacity
     else:
         offsets = expert_offsets(routing)
-        base, rows = offsets[:-1].contiguous(), int(offsets[-1].item())
+        base = offsets[:-1].contiguous()
+        rows = int(load_host.sum()) if load_host is not None else int(offsets[-1].item())
     return Table(routing.expert.contiguous(), routing.slot.contiguous(), base, rows,
                  routing.capacity is not None)
 

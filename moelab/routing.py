@@ -69,8 +69,12 @@ class Routing:
     @property
     def load(self) -> Tensor:
         """[E] long: routes each expert actually processes (after dropping)."""
-        experts = self.expert[self.kept]
-        return torch.bincount(experts, minlength=self.num_experts)
+        # A scatter-add of the kept flags (not bincount over a boolean selection, whose size
+        # depends on the data: that would make every call wait for the device).
+        kept = self.kept.reshape(-1).long()  # [S·k]
+        experts = self.expert.reshape(-1).clamp_min(0)  # [S·k]
+        return torch.zeros(self.num_experts, dtype=torch.long,
+                           device=kept.device).scatter_add_(0, experts, kept)
 
     @property
     def buffer_rows(self) -> int:
