@@ -314,10 +314,15 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def _init_weights(self) -> None:
-        # GPT-2 / Megatron init: N(0, 0.02), output projections scaled by 1/sqrt(2·n_layer).
+        # GPT-2 / Megatron init: N(0, 0.02), output projections scaled by 1/sqrt(2·n_layer),
+        # every bias 0 (Linear's and the experts' b_in / b_out; a default-initialised bias gives
+        # each expert a fixed offset that tilts the router towards a few experts from step 0).
         std = 0.02
         for name, param in self.named_parameters():
-            if name.endswith("bias") or ".b_" in name or "ln_" in name:
+            if "ln_" in name:
+                continue
+            if name.endswith("bias") or ".b_" in name:
+                param.zero_()
                 continue
             if name.endswith(("proj.weight", "fc_out.weight", "w_out")):
                 param.normal_(0, std / math.sqrt(2 * self.config.n_layer))

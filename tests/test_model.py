@@ -106,3 +106,14 @@ def test_bad_configs_say_what_to_change():
     model = GPT(preset("tiny"))
     with pytest.raises(ValueError, match="exceeds block_size=64"):
         model(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_init_zeroes_every_bias():
+    """GPT-2 / Megatron init: biases start at 0 (a random expert bias tilts routing from step 0)."""
+    model = GPT(GPTConfig(vocab_size=32, block_size=8, n_layer=2, n_head=2, d_model=16,
+                          experts=4, residual=True))
+    biases = {name: p for name, p in model.named_parameters()
+              if name.endswith("bias") and "ln_" not in name or ".b_" in name}
+    assert any(".b_in" in name for name in biases) and any("fc_out.bias" in n for n in biases)
+    for name, param in biases.items():
+        assert torch.count_nonzero(param) == 0, name
