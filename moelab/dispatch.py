@@ -65,30 +65,38 @@ def _num_rows(routing: Routing) -> int:
 def _source_token(routing: Routing, num_rows: int) -> Tensor:
     """[rows] long: the token that fills each buffer row, S (a padding index) for empty rows."""
     num_tokens, k = routing.expert.shape
-    rows = buffer_row(routing).reshape(-1)  # [S·k]
+    rows = buffer_row(routing).reshape(-1)  # [S·k], -1 where dropped
     token = torch.arange(num_tokens, device=rows.device).repeat_interleave(k)  # [S·k]
-    kept = rows >= 0
-    source = torch.full((num_rows,), num_tokens, dtype=torch.long, device=rows.device)
-    source[rows[kept]] = token[kept]
-    return source
+    # source[row] = token for kept routes; dropped routes all write the extra last row, which is
+    # cut off (a scatter, not a boolean selection: no wait for the device, CUDA-graph safe).
+    source = torch.full((num_rows + 1,), num_tokens, dtype=torch.long, device=rows.device)
+    source.scatter_(0, torch.where(rows >= 0, rows, num_rows), token)
+    return source[:num_rows]
 
 
 def _dispatch_index(x: Tensor, routing: Routing) -> Tensor:
     num_rows = _num_rows(routing)
     source = _source_token(routing, num_rows)  # [rows]
     empty = source == x.shape[0]
-    # gather: buffer[row] = x[source[row]]; empty rows read token 0 and are zeroed after.
+    # gather: buffer[row] = x[source[row]]; empty rows read token 0 and are zeroed in place.
     buffer = x.index_select(0, torch.where(empty, 0, source))  # [rows, d]
-    return buffer.masked_fill(empty[:, None], 0)
+    return buffer.masked_fill_(empty[:, None], 0)
 
 
 def _combine_index(expert_out: Tensor, routing: Routing) -> Tensor:
     num_tokens, k = routing.expert.shape
     flat_out = expert_out.reshape(-1, expert_out.shape[-1])  # [rows, d]
-    rows = buffer_row(routing)  # [S, k]
+    rows = buffer_row(routing).clamp(min=0)  # [S, k]
     # Dropped routes read row 0 with weight 0, so they add nothing (and get no gradient).
-    gathered = flat_out.index_select(0, rows.clamp(min=0).reshape(-1))  # [S·k, d]
     weight = routing.weight.to(expert_out.dtype)  # [S, k]
+    if not (torch.is_grad_enabled() and (expert_out.requires_grad or weight.requires_grad)):
+        # Inference: y = Σ_j w_j · out[row_j], accumulated in place in one [S, d] buffer (no
+        # [S·k, d] temporary, no batched matmul of S 1×k by k×d products).
+        y = flat_out.index_select(0, rows[:, 0]).mul_(weight[:, :1])  # [S, d]
+        for j in range(1, k):
+            y.addcmul_(flat_out.index_select(0, rows[:, j]), weight[:, j:j + 1])
+        return y
+    gathered = flat_out.index_select(0, rows.reshape(-1))  # [S·k, d]
     if k == 1:
         return gathered * weight  # [S, d]
     # y_s = sum_j weight[s, j] · out[row[s, j]]                                       [S, d]

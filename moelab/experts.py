@@ -26,14 +26,24 @@ def check_activation(activation: str) -> None:
         raise ValueError(f"activation must be one of {ACTIVATIONS}; got {activation!r}")
 
 
-def activate(h: Tensor, activation: str) -> Tensor:
-    """GELU / ReLU on h, or SwiGLU on h = [gate | up] (Shazeer 2020): silu(gate) · up."""
+def activate(h: Tensor, activation: str, inplace: bool = False) -> Tensor:
+    """GELU / ReLU on h, or SwiGLU on h = [gate | up] (Shazeer 2020): silu(gate) · up.
+
+    ``inplace=True`` overwrites h (no autograd; for inference): SwiGLU then returns a view of
+    h's gate half."""
     if activation == "gelu":
-        return F.gelu(h)
+        return torch.ops.aten.gelu_(h) if inplace else F.gelu(h)
     if activation == "relu":
-        return F.relu(h)
+        return F.relu(h, inplace=inplace)
     gate, up = h.chunk(2, dim=-1)
+    if inplace:
+        return F.silu(gate, inplace=True).mul_(up)
     return F.silu(gate) * up
+
+
+#: Inference runs the experts in groups whose hidden activations [G, C, f] fit in about this many
+#: bytes, so the second matmul reads them from cache instead of memory.
+HIDDEN_GROUP_BYTES = 8 << 20
 
 
 class Experts(nn.Module):
@@ -77,17 +87,36 @@ class Experts(nn.Module):
         if x.dim() != 3 or x.shape[0] != self.num_experts or x.shape[2] != self.d_model:
             raise ValueError(f"Experts expects [num_experts={self.num_experts}, rows, "
                              f"d_model={self.d_model}]; got {tuple(x.shape)}")
-        # h_e = act(x_e · W_in[e] + b_in[e])                                             [E, C, f]
-        h = self._affine(x, self.w_in, self.b_in)
-        # y_e = h_e · W_out[e] + b_out[e]                                                [E, C, d]
-        return self._affine(activate(h, self.activation), self.w_out, self.b_out)
+        if torch.is_grad_enabled() and (x.requires_grad or self.w_in.requires_grad):
+            # h_e = act(x_e · W_in[e] + b_in[e])                                         [E, C, f]
+            h = self._affine(x, self.w_in, self.b_in)
+            # y_e = h_e · W_out[e] + b_out[e]                                            [E, C, d]
+            return self._affine(activate(h, self.activation), self.w_out, self.b_out)
+        return self._forward_inference(x)
+
+    def _forward_inference(self, x: Tensor) -> Tensor:
+        """The same FFN without autograd: experts in groups whose hidden [G, C, f] stays in
+        cache, the activation in place, each group's output written straight into y."""
+        num_experts, rows, _ = x.shape
+        width = self.w_in.shape[2]
+        group = max(1, HIDDEN_GROUP_BYTES // max(1, rows * width * x.element_size()))
+        y = x.new_empty(num_experts, rows, self.d_model)  # [E, C, d]
+        for start in range(0, num_experts, group):
+            g = slice(start, start + group)
+            b_in = None if self.b_in is None else self.b_in[g]
+            b_out = None if self.b_out is None else self.b_out[g]
+            h = activate(self._affine(x[g], self.w_in[g], b_in), self.activation,
+                         inplace=True)  # [G, C, f]
+            self._affine(h, self.w_out[g], b_out, out=y[g])  # [G, C, d]
+        return y
 
     @staticmethod
-    def _affine(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def _affine(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor | None = None
+                ) -> Tensor:
         weight = weight.to(x.dtype)
         if bias is None:
-            return torch.bmm(x, weight)
-        return torch.baddbmm(bias.to(x.dtype)[:, None, :], x, weight)
+            return torch.bmm(x, weight, out=out)
+        return torch.baddbmm(bias.to(x.dtype)[:, None, :], x, weight, out=out)
 
     def forward_packed(self, x: Tensor, offsets: Tensor) -> Tensor:
         """Packed rows [N, d], expert e owning rows offsets[e]:offsets[e+1] -> [N, d].

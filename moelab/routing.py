@@ -69,12 +69,9 @@ class Routing:
     @property
     def load(self) -> Tensor:
         """[E] long: routes each expert actually processes (after dropping)."""
-        # A scatter-add of the kept flags (not bincount over a boolean selection, whose size
-        # depends on the data: that would make every call wait for the device).
-        kept = self.kept.reshape(-1).long()  # [S·k]
-        experts = self.expert.reshape(-1).clamp_min(0)  # [S·k]
-        return torch.zeros(self.num_experts, dtype=torch.long,
-                           device=kept.device).scatter_add_(0, experts, kept)
+        # kept flags counted per expert (no selection whose size depends on the data)
+        return count_per_expert(self.expert.reshape(-1).clamp_min(0), self.num_experts,
+                                self.kept.reshape(-1))
 
     @property
     def buffer_rows(self) -> int:
@@ -137,7 +134,10 @@ def _check_logits(logits) -> None:
                          f"{tuple(logits.shape)}")
     if not logits.is_floating_point():
         raise ValueError(f"logits must be floating point; got {logits.dtype}")
-    if not bool(torch.isfinite(logits).all()):
+    # The finiteness check waits for the device; a CUDA graph being captured cannot wait, so
+    # there it is skipped (the eager warm-up run before a capture has checked the same path).
+    capturing = logits.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not capturing and not bool(torch.isfinite(logits).all()):
         raise ValueError("logits contain NaN or Inf: check the router input and learning rate "
                          "(routing needs finite gate logits)")
 
@@ -163,6 +163,15 @@ def _check_options(num_experts, k, capacity_factor, min_capacity, noisy_gate_pol
         raise ValueError(f"choice must be one of {CHOICES}; got {choice!r}")
 
 
+def count_per_expert(expert: Tensor, num_experts: int, weight: Tensor | None = None) -> Tensor:
+    """[R] expert ids -> [E] long counts (of ``weight``'s 0/1 entries when given). A scatter-add
+    into E zeros: unlike ``bincount``, whose output size depends on the largest id, it never waits
+    for the device, so routing can run inside a captured CUDA graph."""
+    ones = torch.ones_like(expert) if weight is None else weight.long()
+    return torch.zeros(num_experts, dtype=torch.long, device=expert.device).scatter_add_(
+        0, expert, ones)
+
+
 def _rank_within_expert(expert: Tensor, num_experts: int) -> Tensor:
     """[R] -> [R]: the rank of each route among the routes of its expert, in the given order.
 
@@ -171,7 +180,7 @@ def _rank_within_expert(expert: Tensor, num_experts: int) -> Tensor:
     sort instead of an [R, E] one-hot.
     """
     order = torch.argsort(expert, stable=True)  # routes grouped by expert, original order inside
-    counts = torch.bincount(expert, minlength=num_experts + 1)  # [E + 1]
+    counts = count_per_expert(expert, num_experts + 1)  # [E + 1]
     starts = torch.cumsum(counts, 0) - counts  # [E + 1]: first sorted position of each expert
     rank = torch.empty_like(expert)
     rank[order] = torch.arange(expert.numel(), device=expert.device) - starts[expert[order]]
@@ -282,7 +291,7 @@ def route(
         expert = torch.topk(choice_scores, k, dim=-1).indices
 
     # counts = sum_s mask[s, e], before dropping (DeepSpeed's exp_counts)             [E]
-    counts = torch.bincount(expert.reshape(-1), minlength=num_experts)
+    counts = count_per_expert(expert.reshape(-1), num_experts)
 
     # ---- load-balancing loss, DeepSpeed's formula for each k (computed before dropping) -----
     # me_e = mean_s probs[s, e];  ce_e = fraction of tokens whose choice(s) went to e
@@ -290,7 +299,7 @@ def route(
     if k <= 2:
         # top-1: l_aux = E · sum_e me_e · ce_e; top-2 uses the first choice only and writes it
         # as E² · mean_e(me_e · ce_e), the same number (Switch Transformer eq. 4 / GShard).
-        ce = torch.bincount(expert[:, 0], minlength=num_experts).to(probs.dtype) / num_tokens
+        ce = count_per_expert(expert[:, 0], num_experts).to(probs.dtype) / num_tokens
         aux_loss = (me * ce).sum() * num_experts if k == 1 else \
             (me * ce).mean() * num_experts * num_experts
     else:

@@ -136,6 +136,41 @@ def test_experts_run_each_expert_on_its_rows():
         torch.testing.assert_close(out[e], expected)
 
 
+@pytest.mark.parametrize("group_bytes", [1, 200, 1 << 30], ids=["1 expert", "2 experts", "all"])
+@pytest.mark.parametrize("activation,bias", [("gelu", True), ("relu", False), ("swiglu", True)])
+def test_experts_inference_path_runs_each_expert_on_its_rows(activation, bias, group_bytes,
+                                                            monkeypatch):
+    """Without autograd the bank runs experts in groups with the activation in place: the same
+    numbers as a per-expert loop, whatever the group size, and its input is left untouched."""
+    import moelab.experts
+
+    monkeypatch.setattr(moelab.experts, "HIDDEN_GROUP_BYTES", group_bytes)
+    torch.manual_seed(1)
+    experts = Experts(5, 4, 3, activation=activation, bias=bias).double()
+    x = torch.randn(5, 2, 4, dtype=torch.float64)
+    x_before = x.clone()
+    with torch.no_grad():
+        out = experts(x)
+    act = {"gelu": torch.nn.functional.gelu, "relu": torch.relu,
+           "swiglu": lambda h: torch.nn.functional.silu(h[:, :3]) * h[:, 3:]}[activation]
+    for e in range(5):
+        h = x[e] @ experts.w_in[e] + (experts.b_in[e] if bias else 0)
+        expected = act(h) @ experts.w_out[e] + (experts.b_out[e] if bias else 0)
+        torch.testing.assert_close(out[e], expected.detach())
+    assert torch.equal(x, x_before)
+
+
+@pytest.mark.parametrize("options", LAYER_CASES, ids=str)
+def test_inference_forward_equals_the_token_loop(options):
+    """The no-grad path (in-place combine, grouped experts) against the per-token reference."""
+    layer = make_layer(**options).eval()
+    x = torch.randn(3, 7, 8, dtype=torch.float64)
+    with torch.no_grad():
+        y, routing = layer(x)
+        expected = reference_moe_forward(layer, x, routing)
+    torch.testing.assert_close(y, expected)
+
+
 def test_experts_forward_packed_matches_padded():
     torch.manual_seed(0)
     experts = Experts(3, 4, 8).double()
