@@ -83,3 +83,38 @@ def test_shape_figure_compares_configs_side_by_side():
     assert len(view.shapes) == 2 and view.figure.data
     with pytest.raises(ValueError, match="unknown preset"):
         ShapeView("huge")
+
+
+def test_load_balance_view_layers_from_names_and_one_figure_on_screen():
+    """layer_names alone sets the layers; attach() rebuilds inside the same widget (what is
+    already displayed shows the new figure) and closes the old FigureWidget."""
+    view = LoadBalanceView(layer_names=["first", "second"])
+    assert view.layer_names == ["first", "second"]
+    for record in fake_history():
+        view.update(record)
+    view.refresh()
+    assert list(view.figure.data[1].y) == pytest.approx(load_arrays(fake_history())["cv"][0])
+    assert view.figure.data[3].name == "second"
+    with pytest.raises(ValueError, match="one name per MoE layer"):
+        LoadBalanceView(num_layers=3, layer_names=["a"])
+
+    empty = LoadBalanceView()
+    shown, old_figure = empty.widget, empty.figure
+    model = GPT(preset("tiny", block_size=16, d_model=32, n_head=2))
+    trainer = Trainer(model, *multidomain_corpus(5_000).split(0.1),
+                      TrainConfig(steps=1, batch_size=2, eval_every=0, progress=False))
+    empty.attach(trainer)
+    assert empty.widget is shown and shown.children[1] is empty.figure
+    assert empty.figure is not old_figure and old_figure.comm is None  # closed
+    assert len(empty.figure.data) == 1 + 2 * 2 + 2
+
+
+@pytest.mark.parametrize("num_blocks", [1, 2, 4, 12, 21, 24, 40, 58, 200])
+def test_shape_view_labels_at_most_about_eight_blocks(num_blocks):
+    from moelab.viz.shape_view import block_ticks
+
+    ticks = block_ticks(num_blocks)
+    assert ticks == sorted(set(ticks)) and 1 <= ticks[0] and ticks[-1] <= num_blocks
+    assert len(ticks) <= 9
+    if num_blocks <= 8:
+        assert ticks == list(range(1, num_blocks + 1))

@@ -118,35 +118,58 @@ class LoadBalanceView:
                  min_redraw_seconds: float = MIN_REDRAW_SECONDS) -> None:
         self.history: list[dict] = list(history or [])
         if num_layers is None:
-            num_layers = len(self.history[0]["counts"]) if self.history else 0
-        self.layer_names = layer_names or [f"MoE layer {i}" for i in range(num_layers)]
+            num_layers = (len(layer_names) if layer_names is not None else
+                          len(self.history[0]["counts"]) if self.history else 0)
+        if layer_names is not None and len(layer_names) != num_layers:
+            raise ValueError(f"layer_names has {len(layer_names)} names for num_layers="
+                             f"{num_layers}; give one name per MoE layer")
         self.min_redraw_seconds = min_redraw_seconds
-        self.figure = go.FigureWidget(_empty_figure(num_layers, self.layer_names))
-        self.layer_picker = widgets.Dropdown(
-            options=[(name, i) for i, name in enumerate(self.layer_names)], value=0
-            if num_layers else None, description="heatmap:")
-        self.layer_picker.observe(lambda change: self.refresh(), names="value")
+        self.layer_picker = widgets.Dropdown(description="heatmap:")
         self.status = widgets.HTML()
-        self.widget = widgets.VBox([widgets.HBox([self.layer_picker, self.status]),
-                                    self.figure])
+        self.widget = widgets.VBox([widgets.HBox([self.layer_picker, self.status])])
+        self.figure: go.FigureWidget | None = None
+        self.layer_names: list[str] = []
         self.redraws = 0
         self._last_draw = 0.0
-        self.refresh()
+        self._set_layers(num_layers, layer_names)
+        self.layer_picker.observe(lambda change: self._building or self.refresh(),
+                                  names="value")
+
+    def _set_layers(self, num_layers: int, layer_names: list[str] | None = None,
+                    draw: bool = True) -> None:
+        """(Re)build the figure for ``num_layers`` MoE layers inside the same widget, so a view
+        already on screen shows the new one; the old FigureWidget is closed (its state would
+        otherwise be saved into the notebook too)."""
+        self.layer_names = list(layer_names or [f"MoE layer {i}" for i in range(num_layers)])
+        if self.figure is not None:
+            self.figure.close()
+        self.figure = go.FigureWidget(_empty_figure(num_layers, self.layer_names))
+        self.widget.children = (self.widget.children[0], self.figure)
+        self._building = True  # the picker's new options must not trigger a redraw
+        try:
+            self.layer_picker.options = [(name, i) for i, name in enumerate(self.layer_names)]
+            self.layer_picker.value = 0 if num_layers else None
+        finally:
+            self._building = False
+        if draw:
+            self.refresh()
 
     def attach(self, trainer) -> LoadBalanceView:
-        """Subscribe to a Trainer: every step lands here; the last one is always drawn."""
-        if not self.layer_names:
-            moe_layers = trainer.model.config.moe_layers
-            self.__init__(self.history, num_layers=len(moe_layers),
-                          layer_names=[f"MoE layer {i} (block {b + 1})"
-                                       for i, b in enumerate(moe_layers)],
-                          min_redraw_seconds=self.min_redraw_seconds)
+        """Subscribe to a Trainer: every step lands here; the last one is always drawn. A view
+        made without layers takes the model's MoE layers (named by their block)."""
+        moe_layers = trainer.model.config.moe_layers
+        if len(self.layer_names) != len(moe_layers):
+            self._set_layers(len(moe_layers), [f"MoE layer {i} (block {b + 1})"
+                                               for i, b in enumerate(moe_layers)],
+                             draw=bool(self.history))
         trainer.subscribe(self.update, on_end=self.refresh)
         return self
 
     def update(self, record: dict) -> None:
         """Add one step's record; redraw if the last redraw is old enough."""
         self.history.append(record)
+        if len(record["counts"]) != len(self.layer_names):  # a history of another model
+            self._set_layers(len(record["counts"]), draw=False)
         if time.monotonic() - self._last_draw >= self.min_redraw_seconds:
             self.refresh()
 

@@ -26,6 +26,15 @@ def _count(n: int) -> str:
     return str(n)
 
 
+def block_ticks(num_blocks: int, max_ticks: int = 8) -> list[int]:
+    """Block numbers to label on a panel's x axis: every block when few, else every step-th
+    (step from 1, 2, 3, 4, 5, 6, 8, 10, ...) and block 1, at most about ``max_ticks`` labels."""
+    steps = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 25, 32, 50, 64, 100)
+    step = next((s for s in steps if math.ceil(num_blocks / s) <= max_ticks), steps[-1])
+    ticks = list(range(step, num_blocks + 1, step))
+    return ([1] if step > 2 else []) + ticks
+
+
 def model_shape(config: GPTConfig) -> dict:
     """Per block: its kind, its expert count (0 = dense) and its FFN parameters; totals."""
     experts_by_layer = dict(zip(config.moe_layers, config.expert_schedule, strict=True))
@@ -69,7 +78,7 @@ def shape_figure(configs: list[GPTConfig | str]) -> go.Figure:
                                  name=label, marker_color=color, hovertext=hover,
                                  hoverinfo="text", offsetgroup="mlp", showlegend=col == 1,
                                  legendgroup=kind), row=1, col=col)
-        fig.update_xaxes(title_text="block", row=1, col=col, dtick=max(1, len(blocks) // 12))
+        fig.update_xaxes(title_text="block", row=1, col=col, tickvals=block_ticks(len(blocks)))
     most = max(max(b["experts"] for b in s["blocks"]) for s in shapes)
     ticks = [2 ** i for i in range(most.bit_length() + 1)]
     fig.update_yaxes(type="log", tickvals=ticks, range=[-0.15, 0.15 + math.log10(max(most, 2))])
