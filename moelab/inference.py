@@ -2,7 +2,8 @@
 
 - `generate(model, prompt, max_new_tokens)`: greedy / temperature / top-k sampling with a KV cache
   allocated once for the whole generation; prefill (the prompt, one forward) and decode (one token
-  per step) are timed separately.
+  per step) are timed separately. Prompts of different lengths share one batch, padded on the
+  left (see below); ``cuda_graph=True`` replays the decode step from a captured CUDA graph.
 - `inference_mode(model)`: the paper's MoE inference path (§5): eval routing (no noise, no RTS,
   no sampled second expert), the mapping-table dispatch (backend "index") and, beyond the paper,
   dropless routing (every route kept; FastGen / DeepSpeed inference v2 serve this way).
@@ -18,8 +19,27 @@ token of every sequence in the other. A route kept in one is dropped in the othe
 decode no longer equals running the model on the prefix. Dropless, each token's output depends
 on that token alone, so both agree (tested). ``dropless=False`` keeps the model's capacity.
 
-CUDA graphs for decode are not used: dropless routing has data-dependent shapes (each expert's
-load), which a captured graph cannot replay.
+Prompts of different lengths. Every prompt is padded on the left to the longest (pad id 0), so
+all sequences write their new tokens at the same cache slot. Sequence b's pads fill slots
+[0, pad_b); its real tokens take positions 0, 1, ... from slot pad_b on (the learned position
+embeddings never see the padding), and a key mask keeps every query off the pad slots, in the
+prefill and in every decode step. Dropless, a pad token changes no real token's routing either, so
+each sequence generates exactly what it would alone (tested). With capacity (``dropless=False``)
+or expert-choice routing, pads would compete with real tokens for expert slots: refused.
+
+CUDA graphs for decode (``cuda_graph=True``, a CUDA device only). Launching a decode step's many
+small kernels costs more than running them at small batch; a CUDA graph records the step once and
+replays it with one launch. A captured graph replays fixed kernels on fixed buffers, so the step
+(`StaticDecodeStep`) reads its inputs from static buffers (the current tokens [B, 1] and the cache
+slot they go to, a [1] tensor), writes keys and values with ``index_copy_`` at that slot, and
+attends over the whole preallocated cache under a mask computed from it; per-sequence positions
+are that slot minus each sequence's left pad, on the device. Nothing in it may wait for the
+device or take a shape from the data, and dropless routing does (each expert's load sizes its
+buffer). So while the step is captured the MoE layers route in the capacity layout with a
+capacity that can never drop a route (`static_routing`: C >= S, the step's B tokens, e.g.
+cf = E / k): the same experts and weights as dropless, at the cost of E·B buffer rows instead of
+B·k. Graph decode therefore equals eager cached decode (tested on a GPU; on a CPU a
+``torch.compile(fullgraph=True)`` of the same step stands in for "capturable").
 """
 
 from __future__ import annotations
@@ -37,6 +57,9 @@ from torch import Tensor, nn
 from .dispatch import check_backend
 from .layer import MLP, MoE
 from .model import GPT, KVCache
+from .routing import expert_capacity
+
+PAD_ID = 0  # the token id left padding writes (masked out; any id would do)
 
 # ------------------------------------------------------------------------ the inference path
 
@@ -75,24 +98,28 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _as_batch(prompt, device: torch.device) -> Tensor:
-    """A prompt as [B, T] long: a [T] or [B, T] tensor, a list of ids, or a list of sequences."""
+def _as_batch(prompt, device: torch.device) -> tuple[Tensor, list[int]]:
+    """A prompt as [B, T] long, left-padded with PAD_ID, and each sequence's real length.
+
+    Accepts a [T] or [B, T] tensor, a list of ids, or a list of sequences (lists or 1-D tensors,
+    of any lengths >= 1; shorter ones are padded on the left to the longest)."""
+    lengths = None
     if isinstance(prompt, Tensor):
         idx = prompt
     elif isinstance(prompt, Sequence) and prompt and all(
             isinstance(p, (Sequence, Tensor)) and not isinstance(p, str) for p in prompt):
-        lengths = [len(p) for p in prompt]
-        if len(set(lengths)) > 1:
-            raise ValueError(
-                f"prompts of different lengths {lengths}: generate() runs every sequence at the "
-                "same positions (one KV cache, no padding mask); pad the prompts to one length "
-                "or call generate() for each prompt separately")
-        idx = torch.stack([torch.as_tensor(p) for p in prompt])
+        rows = [torch.as_tensor(p) for p in prompt]
+        if any(row.dim() != 1 or row.numel() < 1 for row in rows):
+            raise ValueError(f"each prompt in a list must be a non-empty sequence of token ids; "
+                             f"got shapes {[tuple(row.shape) for row in rows]}")
+        longest = max(row.numel() for row in rows)
+        idx = torch.stack([F.pad(row, (longest - row.numel(), 0), value=PAD_ID) for row in rows])
+        lengths = [row.numel() for row in rows]
     elif isinstance(prompt, Sequence) and not isinstance(prompt, str):
         idx = torch.as_tensor(list(prompt))
     else:
         raise ValueError(f"prompt must be token ids (a tensor, a list of ints or a list of "
-                         f"equal-length lists); got {type(prompt).__name__}")
+                         f"lists); got {type(prompt).__name__}")
     if idx.dim() == 1:
         idx = idx[None, :]
     if idx.dim() != 2 or idx.dtype.is_floating_point or idx.dtype == torch.bool:
@@ -100,7 +127,27 @@ def _as_batch(prompt, device: torch.device) -> Tensor:
                          f"dtype {idx.dtype} and shape {tuple(idx.shape)}")
     if idx.shape[0] < 1 or idx.shape[1] < 1:
         raise ValueError(f"prompt must hold at least one token; got shape {tuple(idx.shape)}")
-    return idx.to(device=device, dtype=torch.long)
+    if lengths is None:
+        lengths = [idx.shape[1]] * idx.shape[0]
+    return idx.to(device=device, dtype=torch.long), lengths
+
+
+def _check_ragged(model: GPT, lengths: list[int], dropless: bool) -> None:
+    """Left padding is exact only if no pad token can change a real token's routing."""
+    if len(set(lengths)) == 1:
+        return
+    if not dropless:
+        raise ValueError(
+            f"prompts of different lengths {lengths} need dropless=True (the default): with "
+            "expert capacity (dropless=False) the pad tokens would compete with real tokens "
+            "for expert slots and change their outputs. Use dropless routing, or call "
+            "generate() for each prompt (or each group of equal-length prompts) separately")
+    if any(m.router.options["choice"] == "expert" for m in model.modules()
+           if isinstance(m, MoE)):
+        raise ValueError(
+            f"prompts of different lengths {lengths} cannot share a batch in a model with "
+            "expert-choice routing: each expert picks its top tokens among all tokens of the "
+            "forward, pads included. Call generate() for each prompt separately")
 
 
 def _check_sampling(max_new_tokens, temperature, top_k, greedy) -> None:
@@ -132,13 +179,33 @@ def next_token(logits: Tensor, temperature: float = 1.0, top_k: int | None = Non
 
 @dataclass
 class Generation:
-    """What `generate` returns. ``tokens`` [B, T + N] holds the prompt and the N new tokens."""
+    """What `generate` returns. ``tokens`` [B, T + N] holds the prompts and the N new tokens.
+
+    T (``prompt_length``) is the longest prompt: shorter prompts are padded on the left with
+    PAD_ID, so every sequence's new tokens start at column T. ``prompt_lengths[b]`` is sequence
+    b's real prompt length; `sequences()` gives each sequence without its pads.
+    """
 
     tokens: Tensor
     prompt_length: int
     prefill_s: float  # the forward over the prompt (and the first token's sampling)
     decode_s: float  # the N - 1 one-token steps after it
     logits: Tensor | None = None  # [B, N, V]: the logits each new token was drawn from
+    prompt_lengths: list[int] | None = None  # real prompt length per sequence (None: all T)
+    capture_s: float = 0.0  # cuda_graph=True: warm-up and capture of the step, not in decode_s
+
+    def __post_init__(self) -> None:
+        if self.prompt_lengths is None:
+            self.prompt_lengths = [self.prompt_length] * self.tokens.shape[0]
+
+    @property
+    def left_pad(self) -> list[int]:
+        """Pad tokens at the start of each sequence."""
+        return [self.prompt_length - n for n in self.prompt_lengths]
+
+    def sequences(self) -> list[Tensor]:
+        """Each sequence's prompt and new tokens, without its left padding: B 1-D tensors."""
+        return [row[pad:] for row, pad in zip(self.tokens, self.left_pad, strict=True)]
 
     @property
     def new_tokens(self) -> Tensor:
@@ -161,29 +228,176 @@ class Generation:
         return 1e3 * self.decode_s / self.decode_steps if self.decode_steps else float("nan")
 
 
+# ------------------------------------------------------------ static decode, CUDA graphs
+
+
+def no_drop_capacity_factor(num_tokens: int, num_experts: int, k: int,
+                            min_capacity: int = 4) -> float:
+    """A capacity factor whose capacity C = max(⌈S/E · cf · k⌉, min_capacity) is >= S.
+
+    An expert appears at most once among a token's k choices, so it is asked for at most S
+    routes: with C >= S no route is ever dropped. cf = E / k gives ⌈S⌉ = S (checked with
+    `moelab.routing.expert_capacity`'s own float32 arithmetic, E as a fallback)."""
+    for factor in (num_experts / k, float(num_experts)):
+        if expert_capacity(num_tokens, num_experts, factor, k, min_capacity) >= num_tokens:
+            return factor
+    raise AssertionError("unreachable: cf = E gives C >= S · k")
+
+
+@contextmanager
+def static_routing(model: nn.Module, num_tokens: int, dropless: bool = True
+                   ) -> Iterator[nn.Module]:
+    """Route every token-choice MoE layer in the capacity layout (static shapes), and put the
+    routers back as they were afterwards.
+
+    Capacity routing sizes every buffer from S, E, k and cf alone, so nothing in it waits for
+    the device or takes a shape from the data; this is what a captured CUDA graph needs.
+    With ``dropless=True`` (or a router that is dropless anyway) each router gets
+    ``drop_tokens=True`` and the `no_drop_capacity_factor` for ``num_tokens`` tokens: no route
+    is dropped, so the result equals dropless routing. ``dropless=False`` keeps a dropping
+    router's own eval capacity factor. Expert-choice routers are left alone (their buffers are
+    static already). Use it in eval (``inference_mode``): it sets the *eval* capacity factor.
+    """
+    routers = [m.router for m in model.modules()
+               if isinstance(m, MoE) and m.router.options["choice"] == "token"]
+    saved = [(r.eval_capacity_factor, r.drop_tokens) for r in routers]
+    try:
+        for router in routers:
+            if dropless or not router.drop_tokens:
+                router.eval_capacity_factor = no_drop_capacity_factor(
+                    num_tokens, router.num_experts, router.k, router.options["min_capacity"])
+            router.drop_tokens = True
+        yield model
+    finally:
+        for router, (factor, drop_tokens) in zip(routers, saved, strict=True):
+            router.eval_capacity_factor, router.drop_tokens = factor, drop_tokens
+
+
+class StaticDecodeStep:
+    """One decode step (one token per sequence) that reads everything from static buffers.
+
+    ``token`` [B, 1] holds the current tokens and ``slot`` [1] the cache slot they go to; the
+    step writes their keys and values at ``slot`` (``index_copy_``), attends over the whole
+    preallocated ``cache`` under a mask built from ``slot`` and the cache's ``left_pad``, and
+    returns the next-token logits [B, V]. Every call runs the same kernels on the same buffers,
+    so the step can be captured in a CUDA graph (run it under `static_routing`, since dropless
+    MoE routing is not static) and replayed after `load` fills the buffers.
+    """
+
+    def __init__(self, model: GPT, cache: KVCache) -> None:
+        device = cache.k.device
+        self.model, self.cache = model, cache
+        self.token = torch.full((cache.batch_size, 1), PAD_ID, dtype=torch.long,
+                                device=device)  # [B, 1]
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # [1]
+
+    def load(self, token: Tensor, slot: int) -> None:
+        """Fill the input buffers for the step at cache slot ``slot`` (in place)."""
+        self.token.copy_(token)  # [B, 1]
+        self.slot.fill_(slot)
+
+    def __call__(self) -> Tensor:
+        out = self.model(self.token, cache=self.cache, cache_position=self.slot)
+        return out.logits[:, -1]  # [B, V]
+
+
+class DecodeGraph:
+    """A `StaticDecodeStep` captured once in a ``torch.cuda.CUDAGraph``, replayed per step.
+
+    The buffers must already hold the first step's real inputs: the warm-up runs (on a side
+    stream, as capture requires) execute that step and write its keys and values, which the
+    first replay then writes again, identically.
+    """
+
+    def __init__(self, step: StaticDecodeStep, warmup: int = 2) -> None:
+        device = step.token.device
+        if device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device; the decode step is on {device}")
+        self.step = step
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(self.graph):
+                self.logits = step()  # [B, V]: a static output buffer, rewritten by every replay
+        except RuntimeError as error:
+            raise RuntimeError(
+                "capturing the decode step in a CUDA graph failed: an operation in it waits for "
+                "the device (.item(), bool(tensor), a boolean-mask selection) or takes a shape "
+                "from the data; tests/test_inference.py's torch.compile(fullgraph=True) proxy "
+                "names the line on a CPU") from error
+
+    def __call__(self, token: Tensor, slot: int) -> Tensor:
+        """Logits [B, V] for ``token`` [B, 1] at cache slot ``slot`` (a view of the static
+        output: read it before the next call)."""
+        self.step.load(token, slot)
+        self.graph.replay()
+        return self.logits
+
+
+def _check_cuda_graph(model: GPT, device: torch.device, use_cache: bool,
+                      backend: str | None, cuda_graph) -> None:
+    if not isinstance(cuda_graph, bool):
+        raise ValueError(f"cuda_graph must be True or False; got {cuda_graph!r}")
+    if not cuda_graph:
+        return
+    if device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs a CUDA device: CUDA graphs record GPU kernels, "
+                         f"and the model is on {device}. Move the model to a GPU (model.cuda()) "
+                         f"or leave cuda_graph=False")
+    if not use_cache:
+        raise ValueError("cuda_graph=True replays the cached decode step; use_cache=False "
+                         "recomputes a prefix that grows every step, which a graph cannot "
+                         "replay. Use use_cache=True")
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    backends = {backend or m.backend for m in layers}
+    if backends - {"index"}:
+        raise ValueError(f"cuda_graph=True needs the mapping-table dispatch, backend='index' "
+                         f"(the others select by data-dependent masks); got "
+                         f"{sorted(backends)}")
+    if any(m.parallel is not None for m in layers):
+        raise ValueError("cuda_graph=True does not support expert-parallel MoE layers (their "
+                         "all-to-all sizes come from the routing); use cuda_graph=False")
+
+
 @torch.no_grad()
 def generate(model: GPT, prompt, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, greedy: bool = False, use_cache: bool = True,
              generator: torch.Generator | None = None, dropless: bool = True,
-             backend: str | None = "index", return_logits: bool = False) -> Generation:
+             backend: str | None = "index", return_logits: bool = False,
+             cuda_graph: bool = False) -> Generation:
     """Continue ``prompt`` by ``max_new_tokens`` tokens.
 
     Args:
-        prompt: token ids, [T] or [B, T] (a tensor, a list, or a list of equal-length lists).
-            Prompts of different lengths are refused: pad them or generate one at a time.
+        prompt: token ids, [T] or [B, T] (a tensor, a list, or a list of sequences). Prompts
+            of different lengths are padded on the left to the longest and masked out, with or
+            without the cache: each sequence generates what it would alone (needs dropless
+            routing and token-choice MoE layers; see the module docstring).
+            ``Generation.prompt_lengths`` / ``sequences()`` tell the pads apart.
         temperature, top_k, greedy: sampling; ``greedy=True`` takes the argmax.
         use_cache: keep every layer's keys and values (one KVCache, allocated once) and feed one
             token per step; False recomputes the whole prefix each step (the reference).
         generator: a torch.Generator for the draws, for reproducible samples.
         dropless, backend: the MoE inference path, see `inference_mode`.
         return_logits: keep the logits of every step in ``Generation.logits``.
+        cuda_graph: capture the decode step once in a CUDA graph and replay it for every step
+            (CUDA only; needs use_cache=True and backend "index"). While captured, the MoE
+            layers route in the capacity layout at a capacity that drops nothing
+            (`static_routing`), so the tokens equal the eager cached decode's. The prefill
+            runs eagerly; the capture's time is ``Generation.capture_s``, not ``decode_s``.
 
-    The prompt plus the new tokens must fit in the model's block_size (its position embeddings).
+    The longest prompt plus the new tokens must fit in the model's block_size.
     """
     config = model.config
     _check_sampling(max_new_tokens, temperature, top_k, greedy)
     device = next(model.parameters()).device
-    idx = _as_batch(prompt, device)
+    _check_cuda_graph(model, device, use_cache, backend, cuda_graph)
+    idx, prompt_lengths = _as_batch(prompt, device)
+    _check_ragged(model, prompt_lengths, dropless)
     batch, prompt_length = idx.shape
     total = prompt_length + max_new_tokens
     if total > config.block_size:
@@ -198,13 +412,21 @@ def generate(model: GPT, prompt, max_new_tokens: int, temperature: float = 1.0,
     if max_new_tokens == 0:
         return Generation(tokens, prompt_length, 0.0, 0.0,
                           idx.new_zeros(batch, 0, config.vocab_size, dtype=torch.float)
-                          if return_logits else None)
+                          if return_logits else None, prompt_lengths)
     dtype = next(model.parameters()).dtype
     step_logits = torch.empty(batch, max_new_tokens, config.vocab_size, device=device,
                               dtype=dtype) if return_logits else None
-    # Positions fed to the model: the prompt, then every new token but the last.
+    pads = [prompt_length - n for n in prompt_lengths]
+    left_pad = torch.tensor(pads, device=device) if any(pads) else None  # [B]
+    # Slots fed to the model: the prompt, then every new token but the last.
     cache = KVCache(config, batch, total - 1 if max_new_tokens > 1 else prompt_length,
-                    device=device, dtype=dtype) if use_cache else None
+                    device=device, dtype=dtype,
+                    left_pad=pads if any(pads) else None) if use_cache else None
+
+    def forward(ids: Tensor) -> Tensor:  # [B, t] -> [B, V], eagerly
+        if cache is not None:
+            return model(ids, cache=cache).logits[:, -1]
+        return model(ids, left_pad=left_pad).logits[:, -1]
 
     def sample(logits: Tensor, step: int) -> None:
         if step_logits is not None:
@@ -212,22 +434,41 @@ def generate(model: GPT, prompt, max_new_tokens: int, temperature: float = 1.0,
         tokens[:, prompt_length + step] = next_token(logits, temperature, top_k, greedy,
                                                      generator)
 
+    graph, capture_s = None, 0.0
     with inference_mode(model, dropless=dropless, backend=backend):
         _synchronize(device)
         start = time.perf_counter()
-        sample(model(idx, cache=cache).logits[:, -1], 0)  # prefill
+        sample(forward(idx), 0)  # prefill
         _synchronize(device)
         prefill_s = time.perf_counter() - start
+        if cuda_graph and max_new_tokens > 1:
+            graph = _capture(model, cache, tokens[:, prompt_length:prompt_length + 1],
+                             prompt_length, dropless)
+            _synchronize(device)
+            capture_s = time.perf_counter() - start - prefill_s
         for step in range(1, max_new_tokens):  # decode
             position = prompt_length + step
-            if cache is not None:
-                logits = model(tokens[:, position - 1:position], cache=cache).logits[:, -1]
+            if graph is not None:
+                logits = graph(tokens[:, position - 1:position], position - 1)
+            elif cache is not None:
+                logits = forward(tokens[:, position - 1:position])
             else:
-                logits = model(tokens[:, :position]).logits[:, -1]
+                logits = forward(tokens[:, :position])
             sample(logits, step)
         _synchronize(device)
-        decode_s = time.perf_counter() - start - prefill_s
-    return Generation(tokens, prompt_length, prefill_s, decode_s, step_logits)
+        decode_s = time.perf_counter() - start - prefill_s - capture_s
+    return Generation(tokens, prompt_length, prefill_s, decode_s, step_logits, prompt_lengths,
+                      capture_s)
+
+
+def _capture(model: GPT, cache: KVCache, first_token: Tensor, slot: int,
+             dropless: bool) -> DecodeGraph:
+    """The decode step's graph, its buffers loaded with the first step's inputs (``first_token``
+    [B, 1] at cache slot ``slot``), captured under `static_routing`."""
+    step = StaticDecodeStep(model, cache)
+    step.load(first_token, slot)
+    with static_routing(model, cache.batch_size, dropless=dropless):
+        return DecodeGraph(step)
 
 
 # ----------------------------------------------------------------------- latency breakdown

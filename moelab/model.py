@@ -175,15 +175,24 @@ def preset(name: str, **overrides) -> GPTConfig:
 class KVCache:
     """Keys and values of every layer for a batch, allocated once for ``max_length`` positions.
 
-    ``k`` and ``v`` are [n_layer, B, n_head, max_length, head_dim]; positions [0, length) hold
+    ``k`` and ``v`` are [n_layer, B, n_head, max_length, head_dim]; cache slots [0, length) hold
     the tokens seen so far. `GPT.forward(idx, cache=cache)` writes the new tokens' keys and values
-    at [length, length + T), attends over [0, length + T) and advances ``length``; nothing is
-    reallocated during a generation.
+    at slots [length, length + T), attends over [0, length + T) and advances ``length``; nothing
+    is reallocated during a generation.
+
+    ``left_pad`` ([B] ints, optional): sequence b starts with ``left_pad[b]`` pad tokens (prompts
+    of different lengths, padded on the left). Its real tokens then sit at positions 0, 1, ...
+    from slot ``left_pad[b]`` on, and no query ever attends to its pad slots.
+
+    A static decode step (CUDA graphs) passes ``cache_position`` to `GPT.forward` instead: the
+    slots to write come from that tensor, attention runs over all ``max_length`` slots with a
+    mask, and ``length`` (a Python int) is neither read nor advanced.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_length: int, *,
                  device: str | torch.device | None = None,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32,
+                 left_pad: Tensor | list[int] | None = None) -> None:
         if not 1 <= max_length <= config.block_size:
             raise ValueError(f"max_length must be in [1, block_size={config.block_size}]; "
                              f"got {max_length}")
@@ -192,6 +201,13 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0
+        self.left_pad = None
+        if left_pad is not None:
+            pads = [int(p) for p in left_pad]
+            if len(pads) != batch_size or not all(0 <= p < max_length for p in pads):
+                raise ValueError(f"left_pad must give one pad count in [0, max_length="
+                                 f"{max_length}) per sequence ({batch_size}); got {pads}")
+            self.left_pad = torch.tensor(pads, dtype=torch.long, device=self.k.device)  # [B]
 
     @property
     def batch_size(self) -> int:
@@ -201,17 +217,50 @@ class KVCache:
     def max_length(self) -> int:
         return self.k.shape[3]
 
-    def layer(self, index: int) -> LayerKV:
-        return LayerKV(self.k[index], self.v[index], self.length)
+    def layer(self, index: int, position: Tensor | None = None) -> LayerKV:
+        return LayerKV(self.k[index], self.v[index], self.length, self.left_pad, position)
 
 
 @dataclass
 class LayerKV:
-    """One layer's view of a KVCache: buffers [B, H, max_length, e] and where new tokens go."""
+    """One layer's view of a KVCache: buffers [B, H, max_length, e] and where new tokens go.
+
+    ``position`` None: the new T tokens go to slots start .. start + T - 1 (a Python int, eager).
+    ``position`` a [T] long tensor: they go to those slots (index_copy_), and attention covers
+    every slot under a mask computed from the tensor: the static, graph-capturable decode step.
+    """
 
     k: Tensor
     v: Tensor
     start: int
+    left_pad: Tensor | None = None  # [B] long: pad slots at the start of each sequence
+    position: Tensor | None = None  # [T] long: cache slots of the new tokens (static step)
+
+
+def attention_mask(query_slots: Tensor, num_keys: int, left_pad: Tensor | None) -> Tensor:
+    """[B or 1, 1, T, K] bool, True where the query at ``query_slots[t]`` may see key slot j.
+
+    Causal (j <= the query's slot) and, with left padding, never across the pad boundary: real
+    tokens see only real keys, and a pad query sees only pads (so its softmax is never empty).
+    """
+    keys = torch.arange(num_keys, device=query_slots.device)  # [K]
+    visible = keys[None, :] <= query_slots[:, None]  # [T, K]
+    if left_pad is None:
+        return visible[None, None]  # [1, 1, T, K]
+    pad = left_pad[:, None, None]  # [B, 1, 1]
+    real_key = keys[None, None, :] >= pad  # [B, 1, K]
+    real_query = query_slots[None, :, None] >= pad  # [B, T, 1]
+    return (visible[None] & (real_key == real_query))[:, None]  # [B, 1, T, K]
+
+
+def token_positions(slots: Tensor, left_pad: Tensor | None) -> Tensor:
+    """The learned-position index of each token: its cache slot minus its sequence's left pad,
+    so every sequence's first real token is at position 0 (pads get 0; nothing sees them).
+
+    [T] slots -> [T] without padding, [B, T] with ``left_pad`` [B]."""
+    if left_pad is None:
+        return slots  # [T]
+    return (slots[None, :] - left_pad[:, None]).clamp_min(0)  # [B, T]
 
 
 class CausalSelfAttention(nn.Module):
@@ -222,30 +271,55 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.d_model, config.d_model)
         self.dropout = config.dropout
 
-    def forward(self, x: Tensor, cache: LayerKV | None = None) -> Tensor:
+    def forward(self, x: Tensor, cache: LayerKV | None = None,
+                left_pad: Tensor | None = None) -> Tensor:
+        """``left_pad`` [B]: pad slots per sequence, for a forward without a cache (a cache
+        carries its own)."""
         q, k, v = rearrange(self.qkv(x), "b t (three h e) -> three b h t e", three=3,
                             h=self.n_head)
         dropout = self.dropout if self.training else 0.0
-        if cache is None or cache.start == 0:
+        if cache is not None and cache.position is not None:
+            y = self._attend_static(q, k, v, cache)
+        elif cache is not None and cache.start > 0:
+            y = self._attend_cached(q, k, v, cache, dropout)
+        else:
             if cache is not None:  # prefill: keep this chunk's keys and values
                 cache.k[:, :, :k.shape[2]] = k
                 cache.v[:, :, :v.shape[2]] = v
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
-        else:
-            # decode (or a later chunk): the new T tokens sit at positions start..start+T-1 and
-            # attend to every cached position up to their own.
-            start, length = cache.start, q.shape[2]
-            end = start + length
-            cache.k[:, :, start:end] = k
-            cache.v[:, :, start:end] = v
-            keys, values = cache.k[:, :, :end], cache.v[:, :, :end]  # [B, H, end, e]
+                left_pad = cache.left_pad
             mask = None
-            if length > 1:  # query i (position start + i) sees keys 0..start + i
-                mask = (torch.arange(end, device=x.device)[None, :]
-                        <= torch.arange(start, end, device=x.device)[:, None])  # [T, end]
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+            if left_pad is not None:
+                mask = attention_mask(torch.arange(q.shape[2], device=x.device), q.shape[2],
+                                      left_pad)  # [B, 1, T, T]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                dropout_p=dropout)
         return self.proj(rearrange(y, "b h t e -> b t (h e)"))
+
+    @staticmethod
+    def _attend_cached(q: Tensor, k: Tensor, v: Tensor, cache: LayerKV,
+                       dropout: float) -> Tensor:
+        """Decode (or a later chunk): the new T tokens sit at slots start..start+T-1 and attend
+        to every cached slot up to their own (and none of their sequence's pads)."""
+        start, length = cache.start, q.shape[2]
+        end = start + length
+        cache.k[:, :, start:end] = k
+        cache.v[:, :, start:end] = v
+        keys, values = cache.k[:, :, :end], cache.v[:, :, :end]  # [B, H, end, e]
+        mask = None
+        if length > 1 or cache.left_pad is not None:  # query i (slot start + i) sees 0..start + i
+            mask = attention_mask(torch.arange(start, end, device=q.device), end,
+                                  cache.left_pad)  # [B or 1, 1, T, end]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                              dropout_p=dropout)
+
+    @staticmethod
+    def _attend_static(q: Tensor, k: Tensor, v: Tensor, cache: LayerKV) -> Tensor:
+        """The graph-capturable step: write at the slots in ``cache.position`` (a tensor) and
+        attend over the whole preallocated cache; no Python int depends on the step."""
+        cache.k.index_copy_(2, cache.position, k)  # [B, H, L, e] <- [B, H, T, e] at slots
+        cache.v.index_copy_(2, cache.position, v)
+        mask = attention_mask(cache.position, cache.k.shape[2], cache.left_pad)  # [B|1,1,T,L]
+        return F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=mask)  # [B,H,T,e]
 
 
 class Block(nn.Module):
@@ -275,8 +349,9 @@ class Block(nn.Module):
     def is_moe(self) -> bool:
         return isinstance(self.ffn, MoE)
 
-    def forward(self, x: Tensor, cache: LayerKV | None = None) -> tuple[Tensor, Routing | None]:
-        x = x + self.dropout(self.attn(self.ln_1(x), cache))
+    def forward(self, x: Tensor, cache: LayerKV | None = None,
+                left_pad: Tensor | None = None) -> tuple[Tensor, Routing | None]:
+        x = x + self.dropout(self.attn(self.ln_1(x), cache, left_pad))
         if self.is_moe:
             y, routing = self.ffn(self.ln_2(x))
         else:
@@ -336,27 +411,39 @@ class GPT(nn.Module):
             return cls(preset(name, **overrides))
 
     def forward(self, idx: Tensor, targets: Tensor | None = None,
-                cache: KVCache | None = None) -> GPTOutput:
-        """``cache``: a KVCache (see `moelab.inference.generate`); idx then holds only the new
-        tokens, at positions cache.length, cache.length + 1, ..., and the cache advances."""
+                cache: KVCache | None = None, *, left_pad: Tensor | None = None,
+                cache_position: Tensor | None = None) -> GPTOutput:
+        """Logits (and losses) for ``idx`` [B, T].
+
+        cache: a KVCache (see `moelab.inference.generate`); idx then holds only the new tokens,
+            at cache slots cache.length, cache.length + 1, ..., and the cache advances.
+        left_pad: [B] long, without a cache: sequence b starts with left_pad[b] pad tokens, which
+            are masked out of attention; its real tokens take positions 0, 1, ... (a cache
+            carries its own ``left_pad``).
+        cache_position: [T] long, with a cache: the static decode step of a CUDA graph. The new
+            tokens go to these cache slots, attention covers the whole cache under a mask built
+            from this tensor, and ``cache.length`` is neither read nor advanced: every step
+            runs the same kernels on the same buffers, with no Python int that depends on it.
+        """
         batch, length = idx.shape
-        start = 0 if cache is None else cache.length
-        if start + length > self.config.block_size:
-            raise ValueError(f"sequence length {start + length} exceeds block_size="
-                             f"{self.config.block_size}; crop the input or raise block_size")
-        if cache is not None and (start + length > cache.max_length
-                                  or batch != cache.batch_size):
-            raise ValueError(f"the KV cache holds {cache.batch_size} sequences of up to "
-                             f"{cache.max_length} positions; got {batch} sequences reaching "
-                             f"position {start + length}")
-        positions = torch.arange(start, start + length, device=idx.device)
+        slots = self._slots(idx, cache, cache_position)  # [T]
+        if cache is not None:
+            if left_pad is not None:
+                raise ValueError("left_pad is for a forward without a cache; a KVCache carries "
+                                 "its own: KVCache(..., left_pad=...)")
+            left_pad = cache.left_pad
+        elif left_pad is not None and tuple(left_pad.shape) != (batch,):
+            raise ValueError(f"left_pad must have shape [B]=({batch},); "
+                             f"got {tuple(left_pad.shape)}")
+        positions = token_positions(slots, left_pad)  # [T] or [B, T]
         x = self.drop(self.wte(idx) + self.wpe(positions))  # [B, T, d]
         routings = []
         for i, block in enumerate(self.blocks):
-            x, routing = block(x, None if cache is None else cache.layer(i))
+            layer_cache = None if cache is None else cache.layer(i, cache_position)
+            x, routing = block(x, layer_cache, None if cache is not None else left_pad)
             routings.append(routing)
-        if cache is not None:
-            cache.length = start + length
+        if cache is not None and cache_position is None:
+            cache.length += length
         logits = self.lm_head(self.ln_f(x))  # [B, T, V]
         moe = [r for r in routings if r is not None]
         aux_loss = sum((r.aux_loss for r in moe), logits.new_zeros(()))
@@ -369,6 +456,34 @@ class GPT(nn.Module):
                 + self.config.z_loss_coef * z_loss
         return GPTOutput(logits=logits, loss=loss, lm_loss=lm_loss, aux_loss=aux_loss,
                          z_loss=z_loss, routings=routings)
+
+    def _slots(self, idx: Tensor, cache: KVCache | None,
+               cache_position: Tensor | None) -> Tensor:
+        """[T] long: the cache slots (positions, without padding) of idx's tokens; checks that
+        they fit the model and the cache."""
+        batch, length = idx.shape
+        if cache_position is not None:
+            if cache is None:
+                raise ValueError("cache_position is the static decode step's write position "
+                                 "in a KV cache; pass cache= too")
+            if tuple(cache_position.shape) != (length,) or cache_position.dtype != torch.long:
+                raise ValueError(f"cache_position must be a long tensor of shape [T]="
+                                 f"({length},); got {cache_position.dtype} "
+                                 f"{tuple(cache_position.shape)}")
+            if batch != cache.batch_size:
+                raise ValueError(f"the KV cache holds {cache.batch_size} sequences; "
+                                 f"got {batch}")
+            return cache_position  # [T]
+        start = 0 if cache is None else cache.length
+        if start + length > self.config.block_size:
+            raise ValueError(f"sequence length {start + length} exceeds block_size="
+                             f"{self.config.block_size}; crop the input or raise block_size")
+        if cache is not None and (start + length > cache.max_length
+                                  or batch != cache.batch_size):
+            raise ValueError(f"the KV cache holds {cache.batch_size} sequences of up to "
+                             f"{cache.max_length} positions; got {batch} sequences reaching "
+                             f"position {start + length}")
+        return torch.arange(start, start + length, device=idx.device)  # [T]
 
     def expert_parameters(self) -> list[nn.Parameter]:
         """Parameters of the Experts banks: found by module type, not by name."""

@@ -134,10 +134,11 @@ def _check_logits(logits) -> None:
                          f"{tuple(logits.shape)}")
     if not logits.is_floating_point():
         raise ValueError(f"logits must be floating point; got {logits.dtype}")
-    # The finiteness check waits for the device; a CUDA graph being captured cannot wait, so
-    # there it is skipped (the eager warm-up run before a capture has checked the same path).
+    # The finiteness check waits for the device; a CUDA graph being captured cannot wait, and
+    # torch.compile would break its graph there, so both skip it (the eager warm-up run before a
+    # capture or a compile has checked the same path).
     capturing = logits.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not capturing and not bool(torch.isfinite(logits).all()):
+    if not (capturing or torch.compiler.is_compiling()) and not bool(torch.isfinite(logits).all()):
         raise ValueError("logits contain NaN or Inf: check the router input and learning rate "
                          "(routing needs finite gate logits)")
 

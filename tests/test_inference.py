@@ -7,14 +7,23 @@ import torch
 
 from moelab.inference import (
     COMPONENTS,
+    PAD_ID,
+    DecodeGraph,
     Generation,
     LatencyProfiler,
+    StaticDecodeStep,
     decode_latency,
     generate,
     inference_mode,
+    no_drop_capacity_factor,
+    static_routing,
 )
 from moelab.layer import MoE
 from moelab.model import GPT, GPTConfig, KVCache
+from moelab.routing import expert_capacity
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA GPU; none here")
 
 VOCAB = 64
 
@@ -153,7 +162,10 @@ def test_prompt_forms_and_zero_new_tokens():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(prompt=[[1, 2, 3], [1, 2]], max_new_tokens=2), "pad the prompts"),
+    (dict(prompt=[[1, 2, 3], [1, 2]], max_new_tokens=2, dropless=False), "dropless=True"),
+    (dict(prompt=[[1, 2, 3], []], max_new_tokens=2), "non-empty"),
+    (dict(prompt=[1, 2], max_new_tokens=2, cuda_graph=True), "needs a CUDA device"),
+    (dict(prompt=[1, 2], max_new_tokens=2, cuda_graph=1), "cuda_graph must be True or False"),
     (dict(prompt=list(range(33)), max_new_tokens=1), "block_size=32"),
     (dict(prompt=list(range(30)), max_new_tokens=3), "block_size=32"),
     (dict(prompt=[1, 2], max_new_tokens=2, temperature=0.0), "greedy=True"),
@@ -173,6 +185,241 @@ def test_bad_input_says_what_to_do(kwargs, message):
 def test_greedy_ignores_temperature():
     out = generate(tiny(), [1, 2], 3, greedy=True, temperature=0.0)
     assert out.tokens.shape == (1, 5)
+
+
+# ------------------------------------------------------------- prompts of different lengths
+
+RAGGED = [[5, 6, 7, 8, 9, 10, 11], [1, 2], [3, 4, 12, 13]]
+
+
+def reference_logits(model: GPT, prompt: list[int], new_tokens: torch.Tensor) -> torch.Tensor:
+    """[N, V]: one plain forward (no cache, no padding) over the prompt and the new tokens."""
+    sequence = torch.cat([torch.tensor(prompt), new_tokens[:-1].cpu()])[None]  # [1, T + N - 1]
+    with inference_mode(model), torch.no_grad():
+        return model(sequence).logits[0, len(prompt) - 1:]  # [N, V]
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no_cache"])
+@pytest.mark.parametrize("name", MODELS)
+def test_ragged_prompts_generate_what_each_prompt_generates_alone(name, use_cache):
+    model = tiny(**MODELS[name])
+    out = generate(model, RAGGED, 8, greedy=True, return_logits=True, use_cache=use_cache)
+    assert out.prompt_length == 7 and out.prompt_lengths == [7, 2, 4]
+    for b, prompt in enumerate(RAGGED):
+        alone = generate(model, prompt, 8, greedy=True, return_logits=True, use_cache=use_cache)
+        assert torch.equal(out.new_tokens[b], alone.new_tokens[0])
+        torch.testing.assert_close(out.logits[b], alone.logits[0], atol=1e-5, rtol=0)
+        # ... and the independent reference: a forward over the sequence, no cache, no pads
+        torch.testing.assert_close(out.logits[b], reference_logits(model, prompt,
+                                                                   out.new_tokens[b]),
+                                   atol=1e-5, rtol=0)
+
+
+def test_ragged_generation_reports_lengths_and_strips_pads():
+    model = tiny()
+    out = generate(model, [torch.tensor([3, 4, 5]), torch.tensor([6])], 2, greedy=True)
+    assert out.prompt_lengths == [3, 1] and out.left_pad == [0, 2]
+    assert out.tokens[1, :2].tolist() == [PAD_ID, PAD_ID]
+    first, second = out.sequences()
+    assert first[:3].tolist() == [3, 4, 5] and second[:1].tolist() == [6]
+    assert first.shape == (5,) and second.shape == (3,)
+    assert out.new_tokens.shape == (2, 2)
+    equal = generate(model, [[1, 2], [3, 4]], 2, greedy=True)
+    assert equal.prompt_lengths == [2, 2] and equal.left_pad == [0, 0]
+
+
+def test_ragged_prompts_are_refused_where_pads_would_compete_for_experts():
+    model = tiny()
+    with pytest.raises(ValueError, match="dropless=True"):
+        generate(model, RAGGED, 2, dropless=False)
+    generate(model, [[1, 2], [3, 4]], 2, dropless=False)  # equal lengths: no pads, allowed
+    model.blocks[1].ffn.router.options["choice"] = "expert"
+    with pytest.raises(ValueError, match="expert-choice"):
+        generate(model, RAGGED, 2)
+
+
+def test_left_pad_forward_and_chunked_prefill_match_unpadded_sequences():
+    model = tiny(k=2, residual=True).eval()
+    pad = torch.tensor([0, 3])
+    tokens = prompts(2, 9)
+    tokens[1, :3] = PAD_ID
+    with torch.no_grad(), inference_mode(model):
+        padded = model(tokens, left_pad=pad).logits  # [2, 9, V]
+        cache = KVCache(model.config, 2, 9, left_pad=[0, 3])
+        chunked = torch.cat([model(tokens[:, :5], cache=cache).logits,
+                             model(tokens[:, 5:], cache=cache).logits], 1)  # later chunk: T=4
+        alone = [model(tokens[0:1]).logits[0], model(tokens[1:2, 3:]).logits[0]]
+    for logits in (padded, chunked):
+        torch.testing.assert_close(logits[0], alone[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(logits[1, 3:], alone[1], atol=1e-5, rtol=0)
+        assert torch.isfinite(logits).all()  # pad queries see pads only: no empty softmax
+
+
+def test_left_pad_bad_input():
+    model = tiny()
+    with pytest.raises(ValueError, match="left_pad must give one pad count"):
+        KVCache(model.config, 2, 8, left_pad=[0, 8])
+    with pytest.raises(ValueError, match="KVCache carries"):
+        model(prompts(), cache=KVCache(model.config, 2, 8), left_pad=torch.zeros(2).long())
+    with pytest.raises(ValueError, match="left_pad must have shape"):
+        model(prompts(), left_pad=torch.zeros(3).long())
+
+
+# ------------------------------------------- the static decode step (what a CUDA graph holds)
+
+@pytest.mark.parametrize("experts, k", [(4, 1), (4, 2), (3, 2), (8, 3), (5, 5)])
+def test_no_drop_capacity_holds_every_route(experts, k):
+    for tokens in range(1, 70):
+        factor = no_drop_capacity_factor(tokens, experts, k, min_capacity=0)
+        assert expert_capacity(tokens, experts, factor, k, 0) >= tokens
+
+
+def test_static_routing_sets_and_restores_the_routers():
+    model = tiny(eval_capacity_factor=0.25, min_capacity=0)
+    routers = [m.router for m in model.modules() if isinstance(m, MoE)]
+    with inference_mode(model), static_routing(model, 3):
+        assert all(r.drop_tokens and r.eval_capacity_factor == 4.0 for r in routers)
+        with torch.no_grad():
+            routing = model(prompts(3, 1)).routings[1]
+        assert routing.capacity == 3 and bool(routing.kept.all())
+    assert all(r.drop_tokens and r.eval_capacity_factor == 0.25 for r in routers)
+    with inference_mode(model, dropless=False), static_routing(model, 3, dropless=False):
+        assert all(r.drop_tokens and r.eval_capacity_factor == 0.25 for r in routers)
+
+
+def static_decode(model: GPT, prompt, max_new_tokens: int, dropless: bool = True,
+                  compile_step: bool = False) -> torch.Tensor:
+    """[B, N - 1, V]: the logits of decode steps 1.. run through a StaticDecodeStep (eagerly, or
+    under torch.compile(fullgraph=True)), fed the tokens generate() chose."""
+    out = generate(model, prompt, max_new_tokens, greedy=True, dropless=dropless)
+    length, pads = out.prompt_length, out.left_pad
+    cache = KVCache(model.config, len(pads), length + max_new_tokens - 1,
+                    left_pad=pads if any(pads) else None)
+    steps = []
+    with torch.no_grad(), inference_mode(model, dropless=dropless):
+        model(out.tokens[:, :length], cache=cache)  # prefill, eagerly
+        step = StaticDecodeStep(model, cache)
+        run = step
+        if compile_step:
+            torch._dynamo.reset()
+            run = torch.compile(step, fullgraph=True, backend="eager", dynamic=False)
+        with static_routing(model, len(pads), dropless=dropless):
+            for slot in range(length, length + max_new_tokens - 1):
+                step.load(out.tokens[:, slot:slot + 1], slot)
+                steps.append(run().clone())
+    assert cache.length == length  # the static step never reads or moves the Python length
+    return torch.stack(steps, 1)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_static_decode_step_equals_cached_decode(name):
+    model = tiny(**MODELS[name])
+    expected = generate(model, RAGGED, 6, greedy=True, return_logits=True).logits[:, 1:]
+    torch.testing.assert_close(static_decode(model, RAGGED, 6), expected, atol=1e-5, rtol=0)
+
+
+def test_static_decode_step_keeps_a_dropping_capacity_with_dropless_false():
+    model = tiny(eval_capacity_factor=0.25, min_capacity=0)  # C = 1 for 3 tokens: drops
+    prompt = prompts(3, 4)
+    expected = generate(model, prompt, 6, greedy=True, return_logits=True,
+                        dropless=False).logits[:, 1:]
+    dropless = generate(model, prompt, 6, greedy=True, return_logits=True).logits[:, 1:]
+    assert (expected - dropless).abs().max() > 1e-3
+    torch.testing.assert_close(static_decode(model, prompt, 6, dropless=False), expected,
+                               atol=1e-5, rtol=0)
+
+
+@pytest.fixture
+def capacity_arithmetic_traceable(monkeypatch):
+    """expert_capacity is NumPy float32 arithmetic on Python ints (DeepSpeed's rounding) and a
+    math.ceil of it: plain host arithmetic inside a CUDA graph capture, but dynamo traces the
+    NumPy part as tensors and breaks the graph at the ceil. Mark its result constant so that the
+    proxy below checks everything else."""
+    from moelab import routing
+
+    monkeypatch.setattr(routing, "expert_capacity",
+                        torch._dynamo.assume_constant_result(routing.expert_capacity))
+
+
+# The CPU proxy for "capturable in a CUDA graph": dynamo with fullgraph=True refuses every graph
+# break: .item(), .tolist(), bool(tensor), nonzero, boolean-mask indexing, data-dependent shapes
+# (torch._dynamo.config.capture_scalar_outputs / capture_dynamic_output_shape_ops stay False).
+
+@pytest.mark.parametrize("name", ["top1", "top2_residual", "dense"])
+def test_static_decode_step_compiles_to_one_graph(name, capacity_arithmetic_traceable):
+    assert not torch._dynamo.config.capture_scalar_outputs
+    assert not torch._dynamo.config.capture_dynamic_output_shape_ops
+    model = tiny(**MODELS[name])
+    expected = generate(model, RAGGED, 4, greedy=True, return_logits=True).logits[:, 1:]
+    compiled = static_decode(model, RAGGED, 4, compile_step=True)
+    torch.testing.assert_close(compiled, expected, atol=1e-5, rtol=0)
+
+
+# --------------------------------------------- CUDA graphs (run on a GPU: pytest -k cuda)
+
+def test_cuda_graph_needs_a_cuda_device_and_the_cache():
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        generate(tiny(), RAGGED, 3, cuda_graph=True)
+    if CUDA:
+        model = tiny().cuda()
+        with pytest.raises(ValueError, match="use_cache=True"):
+            generate(model, RAGGED, 3, cuda_graph=True, use_cache=False)
+        with pytest.raises(ValueError, match="backend='index'"):
+            generate(model, RAGGED, 3, cuda_graph=True, backend="einsum")
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["top1", "top2_residual", "swiglu", "dense"])
+def test_cuda_graph_decode_equals_eager_cached_decode(name):
+    model = tiny(**MODELS[name]).cuda()
+    calls = []
+    model.register_forward_pre_hook(lambda *_: calls.append(1))
+    graph = generate(model, RAGGED, 10, greedy=True, return_logits=True, cuda_graph=True)
+    # prefill, two warm-up steps, the capture; then every step is a replay (no Python forward)
+    assert len(calls) == 4
+    eager = generate(model, RAGGED, 10, greedy=True, return_logits=True)
+    assert torch.equal(graph.tokens, eager.tokens)
+    torch.testing.assert_close(graph.logits, eager.logits, atol=1e-4, rtol=0)
+    assert graph.capture_s > 0 and graph.decode_s > 0 and graph.prompt_lengths == [7, 2, 4]
+    routers = [(m.router.eval_capacity_factor, m.router.drop_tokens)
+               for m in model.modules() if isinstance(m, MoE)]
+    assert routers == [(1.0, True)] * len(routers)  # restored after the capture
+
+
+@needs_cuda
+def test_cuda_graph_decode_keeps_the_capacity_with_dropless_false():
+    model = tiny(eval_capacity_factor=0.25, min_capacity=0).cuda()  # decode drops routes
+    prompt = prompts(3, 4).cuda()
+    kwargs = dict(greedy=True, return_logits=True, dropless=False)
+    graph = generate(model, prompt, 8, cuda_graph=True, **kwargs)
+    eager = generate(model, prompt, 8, **kwargs)
+    assert torch.equal(graph.tokens, eager.tokens)
+    torch.testing.assert_close(graph.logits, eager.logits, atol=1e-4, rtol=0)
+
+
+@needs_cuda
+def test_cuda_graph_sampling_matches_eager_with_the_same_generator():
+    model = tiny(k=2).cuda()
+    runs = [generate(model, RAGGED, 8, temperature=0.8, top_k=8, cuda_graph=graph,
+                     generator=torch.Generator(device="cuda").manual_seed(3))
+            for graph in (True, False)]
+    assert torch.equal(runs[0].tokens, runs[1].tokens)
+
+
+@needs_cuda
+def test_cuda_decode_graph_replays_the_step_on_new_inputs():
+    model = tiny(k=2, residual=True).cuda().eval()
+    out = generate(model, RAGGED, 5, greedy=True, return_logits=True)
+    cache = KVCache(model.config, 3, 7 + 5 - 1, device="cuda", left_pad=out.left_pad)
+    with torch.no_grad(), inference_mode(model):
+        model(out.tokens[:, :7], cache=cache)
+        step = StaticDecodeStep(model, cache)
+        step.load(out.tokens[:, 7:8], 7)
+        with static_routing(model, 3):
+            graph = DecodeGraph(step)
+        for s in range(1, 5):
+            logits = graph(out.tokens[:, 6 + s:7 + s], 6 + s)
+            torch.testing.assert_close(logits, out.logits[:, s], atol=1e-4, rtol=0)
 
 
 # ------------------------------------------------------------------- latency breakdown
