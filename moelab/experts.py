@@ -121,21 +121,43 @@ class Experts(nn.Module):
     def forward_packed(self, x: Tensor, offsets: Tensor) -> Tensor:
         """Packed rows [N, d], expert e owning rows offsets[e]:offsets[e+1] -> [N, d].
 
-        Pads each expert's segment to the largest one ([E, max_rows, d]) and runs the batched
-        FFN; the Triton grouped GEMM (kernels slice) removes the padding.
+        When at most half the experts have rows (decode: B tokens over many experts), each of
+        those runs on its own segment and the others' weights are never read. Otherwise every
+        segment is padded to the largest one ([E, max_rows, d]) for one batched FFN; the Triton
+        grouped GEMM (moelab.kernels) removes the padding.
         """
         if offsets.shape != (self.num_experts + 1,):
             raise ValueError(f"offsets must have shape [num_experts + 1]=({self.num_experts + 1},)"
                              f"; got {tuple(offsets.shape)}")
         num_rows = x.shape[0]
         load = offsets[1:] - offsets[:-1]  # [E]
-        max_rows = int(load.max().item()) if num_rows else 0
+        load_host = load.tolist()  # one wait for the device: the shapes below depend on it
+        active = [e for e, rows in enumerate(load_host) if rows]
+        # (With no rows at all, the padded path still runs: an empty batched FFN that gives
+        # every weight a zero gradient, as expert-parallel ranks without tokens need.)
+        if active and 2 * len(active) <= self.num_experts:
+            return self._forward_segments(x, offsets[:-1].tolist(), load_host, active)
+        max_rows = max(load_host, default=0)
         slot = torch.arange(max_rows, device=x.device)  # [M]
         valid = slot[None, :] < load[:, None]  # [E, M]
         source = torch.where(valid, offsets[:-1, None] + slot[None, :], num_rows)  # [E, M]
         padded = torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, source.reshape(-1))
         out = self(padded.view(self.num_experts, max_rows, x.shape[1]))  # [E, M, d]
         return out.reshape(-1, out.shape[-1])[valid.reshape(-1)]  # [N, d]
+
+    def _forward_segments(self, x: Tensor, starts: list[int], load: list[int],
+                          active: list[int]) -> Tensor:
+        """Expert by expert over the experts that have rows (views of x and of the weights, no
+        copies); the outputs, concatenated in expert order, are the packed [N, d]."""
+        outputs = []
+        for e in active:
+            rows = x[starts[e]:starts[e] + load[e]]  # [n_e, d]
+            h = rows @ self.w_in[e].to(x.dtype)  # [n_e, f]
+            if self.b_in is not None:
+                h = h + self.b_in[e].to(x.dtype)
+            y = activate(h, self.activation) @ self.w_out[e].to(x.dtype)  # [n_e, d]
+            outputs.append(y + self.b_out[e].to(x.dtype) if self.b_out is not None else y)
+        return torch.cat(outputs)  # [N, d]
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, "

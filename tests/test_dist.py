@@ -67,8 +67,9 @@ def test_ep2_and_tp_coordinated_equal_single_process():
 def test_training_with_ep_matches_ep1(nprocs, ep_size):
     result = run("moelab.dist.checks:ep_training_equivalence", nprocs, ep_size)[0]
     assert result["losses_ep"] == pytest.approx(result["losses_ep1"], rel=1e-6)
-    # Adam divides by sqrt(v): parameters whose gradients are ~0 amplify summation-order noise
-    assert result["param_error"] < 1e-4
+    # Adam divides by sqrt(v): parameters whose gradients are ~0 amplify summation-order noise;
+    # 1e-5 is 0.3% of one Adam step at lr 3e-3
+    assert result["param_error"] < 1e-5
 
 
 def test_reshard_4_2_1_4_keeps_outputs_and_optimizer_state():

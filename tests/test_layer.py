@@ -171,19 +171,33 @@ def test_inference_forward_equals_the_token_loop(options):
     torch.testing.assert_close(y, expected)
 
 
-def test_experts_forward_packed_matches_padded():
+@pytest.mark.parametrize("load", [[2, 0, 5, 1], [0, 0, 4, 0], [0, 3, 0, 1], [0, 0, 0, 0]],
+                         ids=["padded batch", "one expert", "two experts", "no rows"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_experts_forward_packed_runs_each_segment_with_its_expert(load, grad):
+    """Both packed paths (padded batch when most experts have rows, a loop over the experts that
+    have rows otherwise) against a per-expert computation, outputs and weight gradients."""
     torch.manual_seed(0)
-    experts = Experts(3, 4, 8).double()
-    load = torch.tensor([2, 0, 5])
+    experts = Experts(4, 4, 8, activation="swiglu").double()
+    load = torch.tensor(load)
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), load.cumsum(0)])
-    x = torch.randn(7, 4, dtype=torch.float64)
-    out = experts.forward_packed(x, offsets)
-    for e in range(3):
-        rows = slice(int(offsets[e]), int(offsets[e + 1]))
-        if load[e]:
-            torch.testing.assert_close(out[rows], experts(
-                torch.zeros(3, int(load[e]), 4, dtype=torch.float64).index_copy(
-                    0, torch.tensor([e]), x[rows][None]))[e])
+    x = torch.randn(int(load.sum()), 4, dtype=torch.float64)
+    with torch.set_grad_enabled(grad):
+        out = experts.forward_packed(x, offsets)
+    assert out.shape == x.shape
+    expected = []
+    for e in range(4):
+        h = x[offsets[e]:offsets[e + 1]] @ experts.w_in[e] + experts.b_in[e]
+        gate, up = h.chunk(2, dim=-1)
+        expected.append((torch.nn.functional.silu(gate) * up) @ experts.w_out[e]
+                        + experts.b_out[e])
+    expected = torch.cat(expected)
+    torch.testing.assert_close(out, expected.detach())
+    if grad:  # also with no rows: zero gradients, not None (expert-parallel ranks need them)
+        got = torch.autograd.grad(out.square().sum(), [experts.w_in, experts.b_out])
+        want = torch.autograd.grad(expected.square().sum(), [experts.w_in, experts.b_out])
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w)
 
 
 def test_experts_start_independent():
