@@ -1,22 +1,39 @@
 #!/usr/bin/env bash
-# One prepared call on a lent CUDA machine (see DEVELOPERS.md / the device tool): the kernel tests
-# compiled for the GPU, then bench_kernels.py. Runs under the machine's own python3 (torch,
-# triton, pytest, hypothesis are there); moelab is imported from this checkout, with kernels/
-# linked as moelab/kernels as pyproject's package-dir maps it (the link is removed at the end). Logs and RESULTS land in
-# $OUT (or ./build/gpu when OUT is unset).
+# One prepared call on a lent CUDA machine (see DEVELOPERS.md / the device tool):
+#   bash benchmarks/gpu_check.sh [kernels] [inference]      (both when no part is named)
+# kernels: tests/test_kernels.py compiled for the GPU, then bench_kernels.py;
+# inference: the CUDA-graph tests of tests/test_inference.py, then bench_inference.py.
+# Runs under the machine's own python3 (torch, triton, pytest, hypothesis are there); moelab is
+# imported from this checkout, with kernels/ linked as moelab/kernels as pyproject's package-dir
+# maps it (the link is removed at the end). Logs and RESULTS.md land in $OUT (or ./build/gpu).
 set -u
 OUT=${OUT:-build/gpu}
 mkdir -p "$OUT"
 [ -e moelab/kernels ] || { ln -s ../kernels moelab/kernels; trap 'rm -f moelab/kernels' EXIT; }
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
+parts=${*:-kernels inference}
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } 2>&1 | tee "$OUT/env.txt"
 cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
-timeout "${TEST_SECONDS:-150}" python3 -m pytest -q -rs --timeout=90 --durations=8 -p no:cacheprovider \
-    tests/test_kernels.py \
-    2>&1 | tee "$OUT/tests.log" | tail -25
-echo "tests exit: ${PIPESTATUS[0]}"
-timeout "${BENCH_SECONDS:-330}" python3 benchmarks/bench_kernels.py --out "$OUT/RESULTS.md" \
-    2>&1 | tee "$OUT/bench.log" | tail -60
-echo "bench exit: ${PIPESTATUS[0]}"
+pytest() {  # name, seconds, pytest arguments...
+  local name=$1 seconds=$2; shift 2
+  timeout "$seconds" python3 -m pytest -q -rs --timeout=90 --durations=8 -p no:cacheprovider "$@" \
+      2>&1 | tee "$OUT/tests_$name.log" | tail -25
+  echo "tests $name exit: ${PIPESTATUS[0]}"
+}
+bench() {  # name, seconds, script arguments...
+  local name=$1 seconds=$2; shift 2
+  timeout "$seconds" python3 "benchmarks/bench_$name.py" --out "$OUT/RESULTS.md" "$@" \
+      2>&1 | tee "$OUT/bench_$name.log" | tail -60
+  echo "bench $name exit: ${PIPESTATUS[0]}"
+}
+for part in $parts; do
+  case $part in
+    kernels) pytest kernels "${TEST_SECONDS:-150}" tests/test_kernels.py
+             bench kernels "${BENCH_SECONDS:-330}" ;;
+    inference) pytest inference "${TEST_SECONDS:-150}" tests/test_inference.py -k cuda
+               bench inference "${BENCH_SECONDS:-330}" ${BENCH_ARGS:-} ;;
+    *) echo "unknown part $part (kernels, inference)"; exit 2 ;;
+  esac
+done

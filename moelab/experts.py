@@ -82,8 +82,15 @@ class Experts(nn.Module):
             if bias is not None:
                 bias.uniform_(-bound, bound)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """[E, C, d] -> [E, C, d]: expert e runs on x[e]."""
+    def forward(self, x: Tensor, offsets: Tensor | None = None) -> Tensor:
+        """[E, C, d] -> [E, C, d]: expert e runs on x[e]. With ``offsets`` [E + 1], x is the
+        packed [N, d] instead (see `forward_packed`); both go through this module call, so hooks
+        on the bank (the latency profiler's) see every expert FFN."""
+        if offsets is not None:
+            return self._forward_packed(x, offsets)
+        return self._forward_bank(x)
+
+    def _forward_bank(self, x: Tensor) -> Tensor:
         if x.dim() != 3 or x.shape[0] != self.num_experts or x.shape[2] != self.d_model:
             raise ValueError(f"Experts expects [num_experts={self.num_experts}, rows, "
                              f"d_model={self.d_model}]; got {tuple(x.shape)}")
@@ -121,6 +128,12 @@ class Experts(nn.Module):
     def forward_packed(self, x: Tensor, offsets: Tensor) -> Tensor:
         """Packed rows [N, d], expert e owning rows offsets[e]:offsets[e+1] -> [N, d].
 
+        The same as ``experts(x, offsets)``."""
+        return self(x, offsets)
+
+    def _forward_packed(self, x: Tensor, offsets: Tensor) -> Tensor:
+        """Packed rows [N, d] -> [N, d].
+
         When at most half the experts have rows (decode: B tokens over many experts), each of
         those runs on its own segment and the others' weights are never read. Otherwise every
         segment is padded to the largest one ([E, max_rows, d]) for one batched FFN; the Triton
@@ -142,7 +155,7 @@ class Experts(nn.Module):
         valid = slot[None, :] < load[:, None]  # [E, M]
         source = torch.where(valid, offsets[:-1, None] + slot[None, :], num_rows)  # [E, M]
         padded = torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, source.reshape(-1))
-        out = self(padded.view(self.num_experts, max_rows, x.shape[1]))  # [E, M, d]
+        out = self._forward_bank(padded.view(self.num_experts, max_rows, x.shape[1]))
         return out.reshape(-1, out.shape[-1])[valid.reshape(-1)]  # [N, d]
 
     def _forward_segments(self, x: Tensor, starts: list[int], load: list[int],

@@ -145,7 +145,7 @@ class MoE(nn.Module):
         elif routing.capacity is not None:
             expert_out = self.experts(buffer)
         else:
-            expert_out = self.experts.forward_packed(buffer, expert_offsets(routing))
+            expert_out = self.experts(buffer, expert_offsets(routing))  # packed [N, d]
         y = combine(expert_out, routing, self.backend).to(x.dtype)  # [S, d]
         if self.residual and self.residual_gate == "sigmoid":
             # Qwen-MoE's shared expert: y = MoE(x) + sigmoid(w · x) · MLP(x)
