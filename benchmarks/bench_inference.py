@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(threads)
     notes: list[str] = []
     paths = decode_paths(device, notes)
-    backends = [p.backend for p in paths if p.use_cache]
+    backends = list(dict.fromkeys(p.backend for p in paths if p.use_cache and not p.cuda_graph))
     started = datetime.datetime.now(datetime.timezone.utc)
     load_before = os.getloadavg()
     if load_before[0] > 1.0:
