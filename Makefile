@@ -62,6 +62,7 @@ test: $(VENV)/.stamp-dev
 
 bench: $(VENV)/.stamp-dev
 	$(PY) benchmarks/bench_layer.py $(ARGS)
+	$(PY) benchmarks/bench_inference.py --out benchmarks/RESULTS.md
 	$(PY) benchmarks/bench_train.py --out benchmarks/RESULTS.md
 
 tour: $(VENV)/.stamp-lab
