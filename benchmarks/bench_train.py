@@ -21,13 +21,17 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
+# Passive OpenMP waiting unless the caller chose (see bench_layer.py: on a shared machine a
+# spinning wait costs a scheduler slice per parallel region). Set before torch loads libgomp.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from moelab.data import stdlib_corpus
-from moelab.distill import StagedKD, student_config
-from moelab.model import GPT, GPTConfig
-from moelab.sizing import size
-from moelab.train import TrainConfig, Trainer
+import torch  # noqa: E402
+
+from moelab.data import stdlib_corpus  # noqa: E402
+from moelab.distill import StagedKD, student_config  # noqa: E402
+from moelab.model import GPT, GPTConfig  # noqa: E402
+from moelab.sizing import size  # noqa: E402
+from moelab.train import TrainConfig, Trainer  # noqa: E402
 
 START, END = "<!-- bench_train:start -->", "<!-- bench_train:end -->"
 
