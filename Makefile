@@ -2,7 +2,7 @@
 #
 #   make lab     JupyterLab on notebooks/
 #   make test    the whole suite (unit tests, notebooks via nbmake, the browser test)
-#   make bench   benchmarks/bench_layer.py and bench_train.py, tables into benchmarks/RESULTS.md
+#   make bench   benchmarks/bench_layer.py, bench_inference.py and bench_train.py -> RESULTS.md
 #   make tour    run notebooks/00_tour.ipynb headless into build/
 #   make lint    ruff
 #   make clean   remove build outputs and caches (keeps .venv; `make distclean` removes it too)
@@ -63,7 +63,7 @@ test: $(VENV)/.stamp-dev
 bench: $(VENV)/.stamp-dev
 	$(PY) benchmarks/bench_layer.py $(ARGS)
 	$(PY) benchmarks/bench_inference.py --out benchmarks/RESULTS.md
-	$(PY) benchmarks/bench_train.py --out benchmarks/RESULTS.md
+	$(PY) benchmarks/bench_train.py --steps 300 --out benchmarks/RESULTS.md
 
 tour: $(VENV)/.stamp-lab
 	@mkdir -p build

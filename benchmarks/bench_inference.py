@@ -63,6 +63,9 @@ import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout
+sys.path.insert(0, str(REPO / "benchmarks"))  # _machine, also when loaded by path
+
+from _machine import describe_cpu  # noqa: E402  (benchmarks/, the script's own folder)
 
 from moelab.inference import decode_latency, generate  # noqa: E402
 from moelab.model import GPT, GPTConfig  # noqa: E402
@@ -288,16 +291,8 @@ def goals(points: list[Point], backends: list[str]) -> str:
 
 
 def machine(device: torch.device) -> str:
-    model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     gpu = f"; GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
-    return (f"{model}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}"
+    return (f"{describe_cpu()}"
             f"{gpu}; {platform.system()} {platform.release()}, Python "
             f"{platform.python_version()}")
 

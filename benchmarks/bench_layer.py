@@ -74,6 +74,9 @@ import torch.nn.functional as F  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _machine, also when loaded by path
+
+from _machine import describe_cpu  # noqa: E402  (benchmarks/, the script's own folder)
 
 from moelab import MoE, combine, dispatch  # noqa: E402
 
@@ -406,15 +409,7 @@ def goals(points: list[Point], clock: str = "ms") -> str:
 
 
 def machine() -> str:
-    model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{model}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}; "
+    return (f"{describe_cpu()}; "
             f"{platform.system()} {platform.release()}, Python {platform.python_version()}")
 
 
