@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from pathlib import Path
 
 import torch
@@ -20,3 +21,13 @@ def describe_cpu() -> str:
     except OSError:
         pass
     return f"{model}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}"
+
+
+def load_average_warning() -> tuple[float, float, float]:
+    """The 1/5/15-minute load average now; warns on stderr when other processes share the cores
+    (wall-clock numbers are then noisy)."""
+    load = os.getloadavg()
+    if load[0] > 1.0:
+        print(f"warning: load average {load[0]:.1f} on {os.cpu_count()} CPUs: other processes "
+              "share the cores, expect noisy wall-clock numbers", file=sys.stderr)
+    return load

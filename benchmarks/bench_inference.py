@@ -65,7 +65,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout
 sys.path.insert(0, str(REPO / "benchmarks"))  # _machine, also when loaded by path
 
-from _machine import describe_cpu  # noqa: E402  (benchmarks/, the script's own folder)
+from _machine import describe_cpu, load_average_warning  # noqa: E402  (benchmarks/, the script's own folder)
 
 from moelab.inference import decode_latency, generate  # noqa: E402
 from moelab.model import GPT, GPTConfig  # noqa: E402
@@ -363,10 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = decode_paths(device, notes)
     backends = list(dict.fromkeys(p.backend for p in paths if p.use_cache and not p.cuda_graph))
     started = datetime.datetime.now(datetime.timezone.utc)
-    load_before = os.getloadavg()
-    if load_before[0] > 1.0:
-        print(f"warning: load average {load_before[0]:.1f} on {os.cpu_count()} CPUs: other "
-              "processes share the cores, expect noisy wall-clock numbers", file=sys.stderr)
+    load_before = load_average_warning()
     t_start = time.perf_counter()
     points = []
     for E in args.experts:

@@ -76,7 +76,7 @@ from torch import Tensor  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _machine, also when loaded by path
 
-from _machine import describe_cpu  # noqa: E402  (benchmarks/, the script's own folder)
+from _machine import describe_cpu, load_average_warning  # noqa: E402  (benchmarks/, the script's own folder)
 
 from moelab import MoE, combine, dispatch  # noqa: E402
 
@@ -431,10 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     if transformers is not None:
         transformers.logging.set_verbosity_error()
     started = datetime.datetime.now(datetime.timezone.utc)
-    load_before = os.getloadavg()
-    if load_before[0] > 1.0:
-        print(f"warning: load average {load_before[0]:.1f} on {os.cpu_count()} CPUs: other "
-              "processes share the cores, expect noisy wall-clock numbers", file=sys.stderr)
+    load_before = load_average_warning()
     t_start = time.perf_counter()
     points = []
     with torch.no_grad():
