@@ -7,6 +7,7 @@ shape the grouped GEMM kernels and the expert-parallel sharding use: slice dim 0
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -149,7 +150,8 @@ class Experts(nn.Module):
         # (With no rows at all, the padded path still runs: an empty batched FFN that gives
         # every weight a zero gradient, as expert-parallel ranks without tokens need.)
         if active and 2 * len(active) <= self.num_experts:
-            return self._forward_segments(x, offsets[:-1].tolist(), load_host, active)
+            starts = list(itertools.accumulate(load_host[:-1], initial=0))
+            return self._forward_segments(x, starts, load_host, active)
         max_rows = max(load_host, default=0)
         slot = torch.arange(max_rows, device=x.device)  # [M]
         valid = slot[None, :] < load[:, None]  # [E, M]
@@ -164,12 +166,12 @@ class Experts(nn.Module):
         copies); the outputs, concatenated in expert order, are the packed [N, d]."""
         outputs = []
         for e in active:
-            rows = x[starts[e]:starts[e] + load[e]]  # [n_e, d]
-            h = rows @ self.w_in[e].to(x.dtype)  # [n_e, f]
-            if self.b_in is not None:
-                h = h + self.b_in[e].to(x.dtype)
-            y = activate(h, self.activation) @ self.w_out[e].to(x.dtype)  # [n_e, d]
-            outputs.append(y + self.b_out[e].to(x.dtype) if self.b_out is not None else y)
+            one = slice(e, e + 1)  # expert e as a bank of one
+            rows = x[None, starts[e]:starts[e] + load[e]]  # [1, n_e, d]
+            h = self._affine(rows, self.w_in[one], None if self.b_in is None else self.b_in[one])
+            y = self._affine(activate(h, self.activation), self.w_out[one],
+                             None if self.b_out is None else self.b_out[one])  # [1, n_e, d]
+            outputs.append(y[0])
         return torch.cat(outputs)  # [N, d]
 
     def extra_repr(self) -> str:
