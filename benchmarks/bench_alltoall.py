@@ -22,7 +22,6 @@ import datetime
 import math
 import os
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,9 @@ import torch
 
 from moelab.dist.demo import bytes_per_forward, messages_per_forward, paper_layouts
 from moelab.dist.launch import launch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _report, also when loaded by path
+from _report import cpu_model, write_section  # noqa: E402
 
 START, END = "<!-- bench_alltoall:start -->", "<!-- bench_alltoall:end -->"
 HERE = Path(__file__).resolve().parent
@@ -56,16 +58,6 @@ def measure(world: int, token_counts: list[int], rounds: int, warmup: int, d_mod
                      kwargs=dict(rounds=rounds, warmup=warmup, d_model=d_model, d_ff=d_ff,
                                  num_experts=NUM_EXPERTS))
     return results[0], time.perf_counter() - start  # every rank holds the same reduced rows
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _bytes(n: float) -> str:
@@ -127,22 +119,16 @@ def main() -> None:
     command = "python benchmarks/bench_alltoall.py" + (" --quick" if args.quick else "") + \
         (f" --rounds {args.rounds}" if args.rounds else "")
     header = [f"## Expert-parallel exchanges (`{command}`)", "",
-              f"{datetime.date.today()}, {cpu_name()}, {os.cpu_count()} cores{load} at the "
+              f"{datetime.date.today()}, {cpu_model()}, {os.cpu_count()} cores{load} at the "
               f"end; "
               f"Python {platform.python_version()}, torch {torch.__version__}, gloo on one "
               f"machine (4 ranks share the cores, so times are scheduling-bound and noisy: "
               f"compare counts exactly, times only roughly); launches took "
               f"{seconds[2]:.0f} s (2 ranks) and {seconds[4]:.0f} s (4 ranks).", ""]
-    section = "\n".join([START, *header, *lines, END])
-    print(section)
+    section = "\n".join([*header, *lines])
+    print("\n".join([START, section, END]))
     if out is not None:
-        text = out.read_text() if out.exists() else "# Benchmark results\n"
-        if START in text:
-            text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: section, text,
-                          flags=re.S)
-        else:
-            text = text.rstrip() + "\n\n" + section + "\n"
-        out.write_text(text)
+        write_section(out, START, END, section)
         print(f"\nwrote {out}", file=sys.stderr)
 
 

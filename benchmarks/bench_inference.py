@@ -49,7 +49,6 @@ import gc
 import importlib.util
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -63,9 +62,9 @@ import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout
-sys.path.insert(0, str(REPO / "benchmarks"))  # _machine, also when loaded by path
+sys.path.insert(0, str(REPO / "benchmarks"))  # _report, also when loaded by path
 
-from _machine import describe_cpu, load_average_warning  # noqa: E402  (benchmarks/, the script's own folder)
+from _report import describe_cpu, load_average_warning, write_section  # noqa: E402  (benchmarks/, the script's own folder)
 
 from moelab.inference import decode_latency, generate  # noqa: E402
 from moelab.model import GPT, GPTConfig  # noqa: E402
@@ -297,23 +296,6 @@ def machine(device: torch.device) -> str:
             f"{platform.python_version()}")
 
 
-def write_section(out: Path, report: str) -> None:
-    """Replace (or append) this script's section of ``out``; keep the others and the notes."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    text = out.read_text() if out.exists() else "# Benchmark results\n"
-    pattern = re.escape(START) + "(.*?)" + re.escape(END)
-    old = re.search(pattern, text, flags=re.S)
-    notes = ""  # hand-written notes at the end of the old section survive the rerun
-    if old is not None and NOTES in old.group(1):
-        notes = "\n\n" + NOTES + old.group(1).split(NOTES, 1)[1].rstrip()
-    section = f"{START}\n{report.strip()}{notes}\n{END}"
-    if old is not None:
-        text = re.sub(pattern, lambda _: section, text, count=1, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    out.write_text(text)
-
-
 def int_list(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(","))
@@ -435,7 +417,7 @@ the MoE part and for the MoE part without the expert FFN (gate + dispatch + comb
     print()
     print(report)
     if args.out is not None:
-        write_section(args.out, report)
+        write_section(args.out, START, END, report, notes=NOTES)
         print(f"wrote {args.out}")
     return 0
 

@@ -38,7 +38,6 @@ import datetime
 import gc
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -50,6 +49,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _report, also when loaded by path
+
+from _report import write_section  # noqa: E402
 
 import moelab  # noqa: E402
 from moelab import Experts, MoE, Routing  # noqa: E402
@@ -359,16 +361,6 @@ def bytes_section(grid: Grid, bytes_per_element: int) -> list[str]:
 
 # --------------------------------------------------------------------------------------- main
 
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    if START in text:
-        text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: section, text,
-                      flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    path.write_text(text)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true",
@@ -433,14 +425,13 @@ def main() -> int:
         lines += part
         print("\n".join(part), flush=True)
         if args.out is not None and not args.dry_run:  # partial results survive a time-out
-            write_section(args.out, "\n".join([START, *header, *lines, END]))
+            write_section(args.out, START, END, "\n".join([*header, *lines]))
     lines += bytes_lines
     lines.append(f"Total time: {time.perf_counter() - started:.0f} s.")
     print("\n".join(bytes_lines + lines[-1:]))
 
     if args.out is not None:
-        write_section(args.out, "\n".join([START, *(body if args.dry_run else header + lines),
-                                            END]))
+        write_section(args.out, START, END, "\n".join(body if args.dry_run else header + lines))
         print(f"\nwrote {args.out}")
     if failures:
         print(f"FAILED sections: {', '.join(failures)}", file=sys.stderr)

@@ -55,7 +55,6 @@ import gc
 import math
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -74,9 +73,9 @@ import torch.nn.functional as F  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _machine, also when loaded by path
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _report, also when loaded by path
 
-from _machine import describe_cpu, load_average_warning  # noqa: E402  (benchmarks/, the script's own folder)
+from _report import describe_cpu, load_average_warning, write_section  # noqa: E402  (benchmarks/, the script's own folder)
 
 from moelab import MoE, combine, dispatch  # noqa: E402
 
@@ -520,20 +519,7 @@ CPU time:
         print(breakdown_table(points, clock))
         print()
     if args.out is not None:  # replace (or add) this script's section; keep the others
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        text = args.out.read_text() if args.out.exists() else "# Benchmark results\n"
-        old = re.search(re.escape(START) + "(.*?)" + re.escape(END), text, flags=re.S)
-        notes = ""  # hand-written notes at the end of the old section survive the rerun
-        if old is not None and NOTES in old.group(1):
-            notes = "\n\n" + NOTES + old.group(1).split(NOTES, 1)[1].rstrip()
-        section = f"{START}\n{report.strip()}{notes}\n{END}"
-        if START in text:
-            text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: section, text,
-                          flags=re.S)
-        else:
-            text = text.replace("# Benchmark results\n", "# Benchmark results\n\n" + section
-                                + "\n", 1)
-        args.out.write_text(text)
+        write_section(args.out, START, END, report, notes=NOTES, first=True)
         print(f"\nwrote {args.out}")
     return 0
 

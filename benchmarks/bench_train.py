@@ -17,8 +17,8 @@ import argparse
 import datetime
 import os
 import platform
-import re
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -33,6 +33,9 @@ from moelab.distill import StagedKD, student_config  # noqa: E402
 from moelab.model import GPT, GPTConfig  # noqa: E402
 from moelab.sizing import size  # noqa: E402
 from moelab.train import TrainConfig, Trainer  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _report, also when loaded by path
+from _report import write_section  # noqa: E402
 
 START, END = "<!-- bench_train:start -->", "<!-- bench_train:end -->"
 
@@ -153,16 +156,8 @@ def main() -> None:
               f"batch {batch} on the standard library's source text; fixed seeds. Load "
               f"average before {load_before[0]:.1f}, after {os.getloadavg()[0]:.1f} (2 "
               f"cores); {(time.perf_counter() - started) / 60:.1f} min.", ""]
-    section = "\n".join([START, *header, *lines, END])
     if args.out is not None:
-        text = args.out.read_text() if args.out.exists() else "# Benchmark results\n"
-        if START in text:
-            text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: section, text,
-                          flags=re.S)
-        else:
-            text = text.rstrip() + "\n\n" + section + "\n"
-        args.out.write_text(text)
-
+        write_section(args.out, START, END, "\n".join([*header, *lines]))
 
 if __name__ == "__main__":
     main()

@@ -101,8 +101,8 @@ def test_first_write_appends_the_section_after_the_others(tmp_path, monkeypatch)
     results = tmp_path / "RESULTS.md"
     original = "# Benchmark results\n\n<!-- bench_layer:start -->\nx\n<!-- bench_layer:end -->\n"
     results.write_text(original)
-    bench.write_section(results, "## Decode\n\nfirst")
-    bench.write_section(results, "## Decode\n\nsecond")
+    bench.write_section(results, START, END, "## Decode\n\nfirst")
+    bench.write_section(results, START, END, "## Decode\n\nsecond")
     text = results.read_text()
     assert text.startswith(original.rstrip())
     assert text.count(START) == 1 and text.count(END) == 1

@@ -1,0 +1,65 @@
+"""What the benchmark scripts share when they report: the machine they ran on, and their own
+section of benchmarks/RESULTS.md."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (else what platform knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_cpu() -> str:
+    """'<CPU model>, <n> logical CPUs, torch threads <t>'."""
+    return f"{cpu_model()}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}"
+
+
+def load_average_warning() -> tuple[float, float, float]:
+    """The 1/5/15-minute load average now; warns on stderr when other processes share the cores
+    (wall-clock numbers are then noisy)."""
+    load = os.getloadavg()
+    if load[0] > 1.0:
+        print(f"warning: load average {load[0]:.1f} on {os.cpu_count()} CPUs: other processes "
+              "share the cores, expect noisy wall-clock numbers", file=sys.stderr)
+    return load
+
+
+TITLE = "# Benchmark results\n"
+
+
+def write_section(path: Path, start: str, end: str, body: str, notes: str | None = None,
+                  first: bool = False) -> None:
+    """Put ``body`` between the ``start`` and ``end`` markers of ``path`` (a RESULTS.md),
+    leaving every other section as it is.
+
+    ``notes``: a marker inside the section after which hand-written text survives reruns.
+    A file without the section gets it appended (``first=True``: right under the title)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = path.read_text() if path.exists() else TITLE
+    pattern = re.escape(start) + "(.*?)" + re.escape(end)
+    old = re.search(pattern, text, flags=re.S)
+    kept = ""
+    if notes is not None and old is not None and notes in old.group(1):
+        kept = "\n\n" + notes + old.group(1).split(notes, 1)[1].rstrip()
+    section = f"{start}\n{body.strip()}{kept}\n{end}"
+    if old is not None:
+        text = re.sub(pattern, lambda _: section, text, count=1, flags=re.S)
+    elif first and TITLE in text:
+        text = text.replace(TITLE, TITLE + "\n" + section + "\n", 1)
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    path.write_text(text)
