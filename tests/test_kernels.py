@@ -285,18 +285,24 @@ def test_moe_triton_gradients_equal_index(options):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def index_then_triton(layer, x):
+    """The layer's (y, Routing) without autograd with backend "index", then with "triton"
+    (outputs poisoned), in that order."""
+    with torch.no_grad():
+        layer.set_backend("index")
+        reference = layer(x)
+        layer.set_backend("triton")
+        with poisoned():
+            return reference, layer(x)
+
+
 def test_moe_triton_expert_choice_and_half_forward():
     torch.manual_seed(1)
     layer = MoE(16, 32, 4, k=1, choice="expert").to(DEVICE).eval()
     x = torch.randn(21, 16, device=DEVICE)
     for dtype in (torch.float32, torch.float16):
         layer, x = layer.to(dtype), x.to(dtype)
-        with torch.no_grad():
-            layer.set_backend("index")
-            reference, routing = layer(x)
-            layer.set_backend("triton")
-            with poisoned():
-                y, routing_triton = layer(x)
+        (reference, routing), (y, routing_triton) = index_then_triton(layer, x)
         assert torch.equal(routing.slot, routing_triton.slot)
         tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
         torch.testing.assert_close(y, reference, **tol)
@@ -316,12 +322,7 @@ def test_moe_triton_eval_routes_with_the_fused_gate(options, monkeypatch):
     torch.manual_seed(2)
     layer = MoE(16, 32, min_capacity=0, **options).to(DEVICE).eval()
     x = torch.randn(37, 16, device=DEVICE)
-    with torch.no_grad():
-        layer.set_backend("index")
-        reference, routing = layer(x)
-        layer.set_backend("triton")
-        with poisoned():
-            y, fused = layer(x)
+    (reference, routing), (y, fused) = index_then_triton(layer, x)
     assert calls == [1]
     assert torch.equal(fused.expert, routing.expert) and torch.equal(fused.slot, routing.slot)
     torch.testing.assert_close(fused.counts, routing.counts)
