@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moelab.routing import Routing, _check_logits, _check_options, expert_capacity
+from moelab.routing import Routing, _check_logits, _check_options, _z_loss, expert_capacity
 
 from ._runtime import check_launch, next_power_of_2, tl, triton
 
@@ -195,8 +195,7 @@ def fused_route(logits: Tensor, *, k: int = 1, capacity_factor: float = 1.0,
         RENORMALIZE=k > 1 if renormalize is None else bool(renormalize), BLOCK_S=block_tokens)
 
     # Losses from what the kernel wrote (DeepSpeed's formulas, as in moelab.route).
-    logits32 = logits.float()
-    z_loss = torch.logsumexp(logits32, dim=-1).square().mean()
+    z_loss = _z_loss(logits.float(), probs, expert[:, 0])  # the first choice is the argmax
     me = probs.mean(dim=0)  # [E]
     ce = counts_per_choice[0].to(probs.dtype) / num_tokens  # first choices only, as DeepSpeed
     aux_loss = ((me * ce).sum() * num_experts if k == 1

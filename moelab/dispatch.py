@@ -80,7 +80,16 @@ def _dispatch_index(x: Tensor, routing: Routing) -> Tensor:
     empty = source == x.shape[0]
     # gather: buffer[row] = x[source[row]]; empty rows read token 0 and are zeroed in place.
     buffer = x.index_select(0, torch.where(empty, 0, source))  # [rows, d]
-    return buffer.masked_fill_(empty[:, None], 0)
+    return _zero_rows_(buffer, empty)
+
+
+def _zero_rows_(buffer: Tensor, rows: Tensor) -> Tensor:
+    """buffer[rows] = 0 in place, for a [R] bool ``rows``. On the CPU an index_fill_ over the
+    rows' indices (masked_fill_ with the broadcast [R, 1] mask measured 8-16x slower there);
+    elsewhere masked_fill_, which needs no device wait (CUDA-graph safe)."""
+    if buffer.device.type == "cpu":
+        return buffer.index_fill_(0, rows.nonzero().squeeze(1), 0)
+    return buffer.masked_fill_(rows[:, None], 0)
 
 
 def _combine_index(expert_out: Tensor, routing: Routing) -> Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 from reference import reference_route
 
 from moelab import Router, expert_capacity, route
+from moelab import routing as routing_module
 
 
 def random_logits(seed: int, num_tokens: int, num_experts: int, scale: float = 2.0):
@@ -90,6 +92,38 @@ def test_route_invariants(case, training):
     else:
         chosen = routing.probs.gather(1, routing.expert)
         torch.testing.assert_close(routing.weight[kept], chosen[kept])
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 5), min_size=1, max_size=60), st.booleans())
+def test_rank_within_expert_both_ways_equal_a_running_count(experts, one_hot):
+    # the one-hot prefix count (small R·E) and the stable sort (large) against a Python loop;
+    # id num_experts (= 5 here) is the ignored group that routes without a slot go to
+    expert = torch.tensor(experts)
+    seen = [0] * 6
+    expected_rank = []
+    for e in experts:
+        expected_rank.append(seen[e])
+        seen[e] += 1
+    with mock.patch.object(routing_module, "ONE_HOT_RANK_MAX_CELLS", 10**9 if one_hot else 0):
+        rank, counts = routing_module._rank_within_expert(expert, 5)
+    assert rank.tolist() == expected_rank
+    assert counts.tolist() == seen
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("drop_policy", ["position", "probs"])
+def test_route_by_sort_equals_reference(k, drop_policy):
+    # the hypothesis cases are small enough to rank by one-hot counts; this is the sort path
+    logits = random_logits(k, 37, 6)
+    options = dict(k=k, capacity_factor=1.0, min_capacity=2, drop_tokens=True,
+                   drop_policy=drop_policy)
+    with mock.patch.object(routing_module, "ONE_HOT_RANK_MAX_CELLS", 0):
+        routing = route(logits, training=False, **options)
+    expert, slot, weight, capacity, counts = reference_route(logits, **options)
+    assert (routing.expert.tolist(), routing.slot.tolist()) == (expert, slot)
+    assert routing.counts.tolist() == counts
+    torch.testing.assert_close(routing.weight, torch.tensor(weight), rtol=1e-6, atol=1e-7)
 
 
 def test_capacity_formula_and_float32_rounding():
@@ -261,6 +295,19 @@ def test_z_loss_formula():
     logits = random_logits(3, 10, 5)
     expected = (torch.logsumexp(logits.double(), -1) ** 2).mean()
     assert route(logits).z_loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1.0, 30.0, 1000.0])
+def test_z_loss_and_its_gradient_equal_logsumexp(scale):
+    # route() takes logsumexp as l_top - log p_top from the softmax it already has; with large
+    # logit gaps the other probabilities underflow to 0, the top one never does.
+    logits = (random_logits(4, 12, 6) * scale).double().requires_grad_()
+    reference = logits.detach().clone().requires_grad_()
+    z_loss = route(logits, k=2, training=False).z_loss
+    expected = torch.logsumexp(reference, -1).square().mean()
+    torch.testing.assert_close(z_loss, expected)
+    torch.testing.assert_close(torch.autograd.grad(z_loss, logits)[0],
+                               torch.autograd.grad(expected, reference)[0])
 
 
 def test_dropless_routes_every_token():
