@@ -28,13 +28,23 @@ def describe_cpu() -> str:
     return f"{cpu_model()}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}"
 
 
+def omp_wait_policy() -> str:
+    """How OpenMP's idle threads wait, for the report. The benchmarks leave libgomp's default
+    (what a user's Python or notebook kernel gets) unless OMP_WAIT_POLICY is set."""
+    policy = os.environ.get("OMP_WAIT_POLICY")
+    return (f"OMP_WAIT_POLICY={policy}" if policy else
+            "OMP_WAIT_POLICY unset (libgomp's default: an idle thread spins a while, then sleeps)")
+
+
 def load_average_warning() -> tuple[float, float, float]:
     """The 1/5/15-minute load average now; warns on stderr when other processes share the cores
-    (wall-clock numbers are then noisy)."""
+    (wall-clock numbers are then noisy, and with OpenMP's spinning wait much slower)."""
     load = os.getloadavg()
     if load[0] > 1.0:
         print(f"warning: load average {load[0]:.1f} on {os.cpu_count()} CPUs: other processes "
-              "share the cores, expect noisy wall-clock numbers", file=sys.stderr)
+              "share the cores, expect noisy wall-clock numbers (on a busy machine set "
+              "OMP_WAIT_POLICY=PASSIVE: spinning threads then wait a scheduler slice per "
+              "parallel region)", file=sys.stderr)
     return load
 
 

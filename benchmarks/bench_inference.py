@@ -32,9 +32,9 @@ path computes the same model: relative error <= 1e-4, 2e-3 on a GPU, against cac
 otherwise), then ``--rounds`` rounds; in each, every candidate (the generate of each path, the
 breakdown of each cached backend) runs once, round-robin, the starting candidate rotating from
 round to round. A generate sample is the mean over its ``--steps`` decode steps (the prefill is
-timed apart by generate and left out); the tables report the median sample. OMP_WAIT_POLICY
-defaults to PASSIVE (see bench_layer.py: a spinning OpenMP wait on a shared machine costs a
-scheduler slice per op).
+timed apart by generate and left out); the tables report the median sample. OpenMP waits by
+libgomp's default unless OMP_WAIT_POLICY is set: decode is hundreds of small ops, and PASSIVE
+would add ~0.1 ms to each parallel one (see bench_layer.py); run on a quiet machine.
 
 The issue's goal: the MoE part of decode >= 3x faster with "index" than "einsum" at E >= 32 and
 B <= 8. The paper's claim for comparison: "over 6x reduction in MoE kernel related latency"
@@ -55,16 +55,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Passive OpenMP waiting unless the caller chose (see bench_layer.py); before torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import torch  # noqa: E402
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout
 sys.path.insert(0, str(REPO / "benchmarks"))  # _report, also when loaded by path
 
-from _report import describe_cpu, load_average_warning, write_section  # noqa: E402  (benchmarks/, the script's own folder)
+from _report import describe_cpu, load_average_warning, omp_wait_policy, write_section  # noqa: E402  (benchmarks/, the script's own folder)
 
 from moelab.inference import decode_latency, generate  # noqa: E402
 from moelab.model import GPT, GPTConfig  # noqa: E402
@@ -381,7 +378,7 @@ Produced by `benchmarks/bench_inference.py` (its docstring says what each path i
 - Load average (1/5/15 min) before: {" / ".join(f"{v:.2f}" for v in load_before)}, after: \
 {" / ".join(f"{v:.2f}" for v in load_after)} (other processes may share the cores)
 - torch {torch.__version__}; fp32, no_grad, eval, dropless routing (generate's default), greedy \
-decoding, OMP_WAIT_POLICY={os.environ.get("OMP_WAIT_POLICY")}
+decoding, {omp_wait_policy()}
 - Model: moelab GPT, {cfg}, vocabulary 256, MoE on every other layer (2 of {args.layers}), \
 top-{args.k}; **random weights** (seed {args.seed}, no training), so routing is by random \
 router weights: fine for timing, meaningless for quality.

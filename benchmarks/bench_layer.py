@@ -38,8 +38,14 @@ candidates inside each round, the starting candidate rotating from round to roun
 rounds; a sample is the mean of enough calls to last ~100 ms; the table reports the median sample.
 Noise on a shared 2-core machine reaches 20% from run to run, so compare numbers within one run.
 Each sample records wall time and the process's CPU time (all threads; it does not grow while
-other processes hold the cores), and the report gives both. OMP_WAIT_POLICY defaults to PASSIVE
-(see below); set it in the environment to choose otherwise.
+other processes hold the cores), and the report gives both.
+
+OpenMP's wait policy is libgomp's default, as a user's Python gets it, unless OMP_WAIT_POLICY is
+set. It matters here: with PASSIVE, the second thread sleeps after every parallel region and is
+woken for the next, ~0.1 ms per region on this VM (an exp over 4096 floats took 115 us instead of
+7 us), which taxes every small op of a router and even the floors' batched matmuls (the T=512,
+d=256 floor ran 1.5-2x slower). On a machine other processes share, the default spinning is the
+worse one (a scheduler slice per region): run this on a quiet machine, or set PASSIVE there.
 
 Correctness, once per grid point before timing: index == einsum == loop (relative error <= 1e-4,
 relative to the largest output), index == loop for the SwiGLU layer, and Mixtral against moelab's
@@ -62,20 +68,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Passive OpenMP waiting unless the caller chose: with libgomp's default (spinning) policy, on a
-# machine whose cores other processes also use, every parallel region waits a scheduler time
-# slice for a descheduled worker (a 16x32x128 baddbmm measured 12 ms instead of 26 us at load 4).
-# It must be set before torch (libgomp) loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import Tensor  # noqa: E402
+import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _report, also when loaded by path
 
-from _report import describe_cpu, load_average_warning, write_section  # noqa: E402  (benchmarks/, the script's own folder)
+from _report import describe_cpu, load_average_warning, omp_wait_policy, write_section  # noqa: E402  (benchmarks/, the script's own folder)
 
 from moelab import MoE, combine, dispatch  # noqa: E402
 
@@ -464,7 +464,7 @@ Produced by `benchmarks/bench_layer.py` (see its docstring for what each candida
 {" / ".join(f"{v:.2f}" for v in load_after)} (other processes share these 2 cores)
 - torch {torch.__version__}, transformers {tf_version}
 - fp32, torch.set_num_threads({THREADS}), torch.no_grad(), eval mode, \
-OMP_WAIT_POLICY={os.environ.get("OMP_WAIT_POLICY")}; f = 4d; \
+{omp_wait_policy()}; f = 4d; \
 {rounds} rounds, candidates round-robin inside each round, median of the per-round samples \
 (a sample is the mean of enough calls to last >= {MIN_SAMPLE_S * 1e3:.0f} ms)
 - moelab layers: capacity factor 1.0, min capacity 4, token dropping on (C = T·k/E at every \

@@ -22,20 +22,16 @@ import sys
 import time
 from pathlib import Path
 
-# Passive OpenMP waiting unless the caller chose (see bench_layer.py: on a shared machine a
-# spinning wait costs a scheduler slice per parallel region). Set before torch loads libgomp.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch
 
-import torch  # noqa: E402
-
-from moelab.data import stdlib_corpus  # noqa: E402
-from moelab.distill import StagedKD, student_config  # noqa: E402
-from moelab.model import GPT, GPTConfig  # noqa: E402
-from moelab.sizing import size  # noqa: E402
-from moelab.train import TrainConfig, Trainer  # noqa: E402
+from moelab.data import stdlib_corpus
+from moelab.distill import StagedKD, student_config
+from moelab.model import GPT, GPTConfig
+from moelab.sizing import size
+from moelab.train import TrainConfig, Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _report, also when loaded by path
-from _report import write_section  # noqa: E402
+from _report import omp_wait_policy, write_section  # noqa: E402
 
 START, END = "<!-- bench_train:start -->", "<!-- bench_train:end -->"
 
@@ -155,7 +151,8 @@ def main() -> None:
               f"torch {torch.__version__}, {torch.get_num_threads()} threads, {steps} steps of "
               f"batch {batch} on the standard library's source text; fixed seeds. Load "
               f"average before {load_before[0]:.1f}, after {os.getloadavg()[0]:.1f} (2 "
-              f"cores); {(time.perf_counter() - started) / 60:.1f} min.", ""]
+              f"cores), {omp_wait_policy()}; {(time.perf_counter() - started) / 60:.1f} min.",
+              ""]
     if args.out is not None:
         write_section(args.out, START, END, "\n".join([*header, *lines]))
 
