@@ -37,36 +37,40 @@ def check_backend(backend: str) -> None:
 
 
 def expert_offsets(routing: Routing) -> Tensor:
-    """[E + 1] long: where each expert's rows start in the packed (dropless) buffer."""
-    load = routing.load
-    return torch.cat([load.new_zeros(1), torch.cumsum(load, 0)])
+    """[E + 1] long: where each expert's rows start in the packed (dropless) buffer
+    (``routing.offsets``, computed once per Routing)."""
+    return routing.offsets
 
 
 def buffer_row(routing: Routing) -> Tensor:
     """[S, k] long: the row of each route in the flattened dispatch buffer; -1 where dropped.
 
-    Capacity layout: e·C + slot. Packed layout: offsets[e] + slot.
+    Capacity layout: e·C + slot. Packed layout: offsets[e] + slot (``routing.row``, computed
+    once per Routing, so dispatch and combine share it).
     """
-    if routing.capacity is not None:
-        start = routing.expert * routing.capacity
-    else:
-        start = expert_offsets(routing)[routing.expert]
-    return torch.where(routing.kept, start + routing.slot, torch.full_like(routing.slot, -1))
+    return routing.row
 
 
 def _num_rows(routing: Routing) -> int:
     if routing.capacity is not None:
         return routing.num_experts * routing.capacity
-    return int(routing.kept.sum().item())
+    return int(routing.offsets[-1])
 
 
 # ---------------------------------------------------------------- index backend (mapping table)
+
+def _every_row_filled(routing: Routing, num_rows: int) -> bool:
+    """Packed layout with every route kept (dropless routing): each row holds one route."""
+    return routing.capacity is None and num_rows == routing.expert.numel()
+
 
 def _source_token(routing: Routing, num_rows: int) -> Tensor:
     """[rows] long: the token that fills each buffer row, S (a padding index) for empty rows."""
     num_tokens, k = routing.expert.shape
     rows = buffer_row(routing).reshape(-1)  # [S·k], -1 where dropped
-    token = torch.arange(num_tokens, device=rows.device).repeat_interleave(k)  # [S·k]
+    token = torch.arange(num_tokens, device=rows.device)[:, None].expand(-1, k).reshape(-1)
+    if _every_row_filled(routing, num_rows):
+        return torch.empty_like(rows).scatter_(0, rows, token)
     # source[row] = token for kept routes; dropped routes all write the extra last row, which is
     # cut off (a scatter, not a boolean selection: no wait for the device, CUDA-graph safe).
     source = torch.full((num_rows + 1,), num_tokens, dtype=torch.long, device=rows.device)
@@ -77,6 +81,8 @@ def _source_token(routing: Routing, num_rows: int) -> Tensor:
 def _dispatch_index(x: Tensor, routing: Routing) -> Tensor:
     num_rows = _num_rows(routing)
     source = _source_token(routing, num_rows)  # [rows]
+    if _every_row_filled(routing, num_rows):
+        return x.index_select(0, source)
     empty = source == x.shape[0]
     # gather: buffer[row] = x[source[row]]; empty rows read token 0 and are zeroed in place.
     buffer = x.index_select(0, torch.where(empty, 0, source))  # [rows, d]

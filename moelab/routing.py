@@ -26,6 +26,20 @@ CHOICES = ("token", "expert")
 JITTER_EPS = 1e-2  # DeepSpeed's multiplicative_jitter epsilon
 
 
+class _computed_once:
+    """A property computed on first use and then kept on the instance: functools.cached_property
+    without its lock (Python 3.11's takes an RLock, which torch.compile cannot trace)."""
+
+    def __init__(self, compute):
+        self.compute, self.name, self.__doc__ = compute, compute.__name__, compute.__doc__
+
+    def __get__(self, instance, owner=None):
+        if instance is None:
+            return self
+        value = instance.__dict__[self.name] = self.compute(instance)  # shadows this descriptor
+        return value
+
+
 @dataclass
 class Routing:
     """The token-to-expert mapping table, plus what the losses and views need.
@@ -66,12 +80,31 @@ class Routing:
         """[S, k] bool: routes that reach their expert."""
         return self.slot >= 0
 
-    @property
+    # load, offsets and row are computed once per Routing, on first use (dispatch, the experts
+    # and combine each read them): treat the tensors they return as read-only.
+
+    @_computed_once
     def load(self) -> Tensor:
         """[E] long: routes each expert actually processes (after dropping)."""
         # kept flags counted per expert (no selection whose size depends on the data)
         return count_per_expert(self.expert.reshape(-1).clamp_min(0), self.num_experts,
                                 self.kept.reshape(-1))
+
+    @_computed_once
+    def offsets(self) -> Tensor:
+        """[E + 1] long: where each expert's rows start in the packed (dropless) layout; expert e
+        owns rows offsets[e]:offsets[e + 1]."""
+        return torch.cat([self.load.new_zeros(1), torch.cumsum(self.load, 0)])
+
+    @_computed_once
+    def row(self) -> Tensor:
+        """[S, k] long: each route's row in the flattened dispatch buffer, -1 where dropped:
+        e·C + slot in the capacity layout, offsets[e] + slot in the packed one."""
+        if self.capacity is not None:
+            start = self.expert * self.capacity
+        else:
+            start = self.offsets[self.expert]
+        return torch.where(self.kept, start + self.slot, -1)
 
     @property
     def buffer_rows(self) -> int:
