@@ -29,7 +29,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moelab.routing import Routing, _check_logits, _check_options, _z_loss, expert_capacity
+from moelab.routing import (
+    Routing,
+    _aux_loss,
+    _check_logits,
+    _check_options,
+    _z_loss,
+    expert_capacity,
+)
 
 from ._runtime import check_launch, next_power_of_2, tl, triton
 
@@ -196,9 +203,6 @@ def fused_route(logits: Tensor, *, k: int = 1, capacity_factor: float = 1.0,
 
     # Losses from what the kernel wrote (DeepSpeed's formulas, as in moelab.route).
     z_loss = _z_loss(logits.float(), probs, expert[:, 0])  # the first choice is the argmax
-    me = probs.mean(dim=0)  # [E]
-    ce = counts_per_choice[0].to(probs.dtype) / num_tokens  # first choices only, as DeepSpeed
-    aux_loss = ((me * ce).sum() * num_experts if k == 1
-                else (me * ce).mean() * num_experts * num_experts)
+    aux_loss = _aux_loss(probs, expert)
     return Routing(expert=expert, weight=weight, slot=slot, capacity=capacity, probs=probs,
                    counts=counts_per_choice.sum(dim=0), aux_loss=aux_loss, z_loss=z_loss)

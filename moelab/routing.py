@@ -339,15 +339,8 @@ def route(
     else:
         expert = torch.topk(choice_scores, k, dim=-1).indices
 
-    # ---- load-balancing loss, DeepSpeed's formula for each k (computed before dropping) -----
-    # me_e = mean_s probs[s, e]; ce_e = the fraction of tokens whose counted choice went to e.
-    # top-1: l_aux = E · Σ_e me_e · ce_e (Switch Transformer eq. 4); top-2 (GShard) counts the
-    # first choice only and writes it E² · mean_e(me_e · ce_e), the same number; top-k > 2:
-    # E²/k · mean_e(me_e · ce_e) with ce over all k choices. As ce_e = (1/S) Σ_s [e_s = e], each
-    # is E times the mean of me over the counted routes, which is what is computed:
-    me = probs.mean(dim=0)  # [E]
-    counted = expert[:, 0] if k <= 2 else expert.reshape(-1)  # [S] or [S·k]
-    aux_loss = me.index_select(0, counted).mean() * num_experts
+    # load-balancing loss, DeepSpeed's formula for each k (computed before dropping)
+    aux_loss = _aux_loss(probs, expert)
 
     # ---- capacity and dropping ------------------------------------------------------------
     # Route order: the order in which routes take slots. top-2 gives every first choice a slot
@@ -411,6 +404,20 @@ def route(
 
     return Routing(expert=expert, weight=weight, slot=slot, capacity=capacity, probs=probs,
                    counts=counts, aux_loss=aux_loss, z_loss=z_loss)
+
+
+def _aux_loss(probs: Tensor, expert: Tensor) -> Tensor:
+    """DeepSpeed's load-balancing loss for each k, from probs [S, E] and the choices [S, k].
+
+    me_e = mean_s probs[s, e]; ce_e = the fraction of tokens whose counted choice went to e.
+    top-1: l_aux = E · Σ_e me_e · ce_e (Switch Transformer eq. 4); top-2 (GShard) counts the first
+    choice only and writes it E² · mean_e(me_e · ce_e), the same number; top-k > 2:
+    E²/k · mean_e(me_e · ce_e) with ce over all k choices. As ce_e = (1/S) Σ_s [e_s = e], each is
+    E times the mean of me over the counted routes, which is what is computed (no counting)."""
+    num_experts, k = probs.shape[1], expert.shape[1]
+    me = probs.mean(dim=0)  # [E]
+    counted = expert[:, 0] if k <= 2 else expert.reshape(-1)  # [S] or [S·k]
+    return me.index_select(0, counted).mean() * num_experts
 
 
 def _z_loss(logits: Tensor, probs: Tensor, top: Tensor) -> Tensor:
