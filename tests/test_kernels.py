@@ -9,6 +9,7 @@ write shows up as a mismatch.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -168,7 +169,7 @@ def test_dispatch_and_combine_gradients(num_tokens, num_experts, k, drop, scenar
     for backend in ("index", "triton"):
         xb = x.clone().requires_grad_(True)
         weight = routing.weight.clone().requires_grad_(True)
-        routed = moelab.Routing(**{**vars(routing), "weight": weight})
+        routed = dataclasses.replace(routing, weight=weight)
         with poisoned():
             buffer = moelab.dispatch(xb, routed, backend)
             out = buffer * 1.5 + torch.linspace(-1, 1, buffer.numel(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from unittest import mock
 
@@ -388,3 +389,26 @@ def test_router_routes_in_float32():
     router = Router(8, 4).to(torch.float16)
     routing = router(torch.randn(6, 8, dtype=torch.float16))
     assert routing.probs.dtype == torch.float32
+
+
+@pytest.mark.parametrize("drop_tokens", [True, False])
+def test_routing_layout_tensors_are_computed_once_and_match_their_definitions(drop_tokens):
+    # load, offsets and row are kept on the Routing after first use (dispatch, the experts and
+    # combine all read them); a Routing made by dataclasses.replace computes its own.
+    routing = route(random_logits(5, 30, 4), k=2, capacity_factor=0.5, training=False,
+                    drop_tokens=drop_tokens)
+    assert routing.load is routing.load and routing.row is routing.row
+    kept = [(int(e), int(slot)) for e, slot in zip(routing.expert.flatten(),
+                                                   routing.slot.flatten(), strict=True)
+            if slot >= 0]
+    assert len(kept) < 60 if drop_tokens else len(kept) == 60
+    load = [sum(1 for e, _ in kept if e == x) for x in range(4)]
+    assert routing.load.tolist() == load
+    assert routing.offsets.tolist() == [sum(load[:e]) for e in range(5)]
+    for s in range(30):
+        for j in range(2):
+            e, slot = int(routing.expert[s, j]), int(routing.slot[s, j])
+            start = e * routing.capacity if drop_tokens else sum(load[:e])
+            assert int(routing.row[s, j]) == (start + slot if slot >= 0 else -1)
+    dropped = dataclasses.replace(routing, slot=torch.full_like(routing.slot, -1))
+    assert dropped.load.tolist() == [0, 0, 0, 0] and bool((dropped.row == -1).all())
