@@ -35,6 +35,7 @@ from moelab.routing import (
     _check_logits,
     _check_options,
     _z_loss,
+    deferred,
     expert_capacity,
 )
 
@@ -202,7 +203,8 @@ def fused_route(logits: Tensor, *, k: int = 1, capacity_factor: float = 1.0,
         RENORMALIZE=k > 1 if renormalize is None else bool(renormalize), BLOCK_S=block_tokens)
 
     # Losses from what the kernel wrote (DeepSpeed's formulas, as in moelab.route).
-    z_loss = _z_loss(logits.float(), probs, expert[:, 0])  # the first choice is the argmax
-    aux_loss = _aux_loss(probs, expert)
+    # (computed on first read: the fused gate serves, and serving never reads them)
+    z_loss = deferred(_z_loss, logits.float(), probs, expert[:, 0])  # first choice = argmax
+    aux_loss = deferred(_aux_loss, probs, expert)
     return Routing(expert=expert, weight=weight, slot=slot, capacity=capacity, probs=probs,
                    counts=counts_per_choice.sum(dim=0), aux_loss=aux_loss, z_loss=z_loss)

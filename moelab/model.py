@@ -10,6 +10,7 @@ the config's coefficients inside ``loss``) and every layer's Routing (None for d
 
 from __future__ import annotations
 
+import functools
 import math
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
@@ -20,7 +21,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .layer import MLP, MoE
-from .routing import Routing
+from .routing import DeferredField, Routing
 
 
 @dataclass(frozen=True)
@@ -364,9 +365,16 @@ class GPTOutput:
     logits: Tensor  # [B, T, V]
     loss: Tensor | None  # lm_loss + aux_loss_coef · Σ aux + z_loss_coef · Σ z  (None w/o targets)
     lm_loss: Tensor | None  # cross-entropy against the targets
-    aux_loss: Tensor  # Σ over MoE layers of l_aux (unweighted)
-    z_loss: Tensor  # Σ over MoE layers of the z-loss (unweighted)
+    # Σ over MoE layers of l_aux and of the z-loss (unweighted); without targets or autograd,
+    # summed on first read (generate never reads them)
+    aux_loss: Tensor = DeferredField()
+    z_loss: Tensor = DeferredField()
     routings: list[Routing | None]  # one per layer, None for dense layers
+
+
+def _sum_losses(routings: list[Routing], name: str, zero: Tensor) -> Tensor:
+    """Σ over the MoE layers' routings of one loss (``aux_loss`` or ``z_loss``)."""
+    return sum((getattr(r, name) for r in routings), zero)
 
 
 class GPT(nn.Module):
@@ -446,8 +454,13 @@ class GPT(nn.Module):
             cache.length += length
         logits = self.lm_head(self.ln_f(x))  # [B, T, V]
         moe = [r for r in routings if r is not None]
-        aux_loss = sum((r.aux_loss for r in moe), logits.new_zeros(()))
-        z_loss = sum((r.z_loss for r in moe), logits.new_zeros(()))
+        zero = logits.new_zeros(())
+        if targets is None and not (torch.is_grad_enabled() or torch.compiler.is_compiling()):
+            # nothing has read them yet (generate never does)
+            aux_loss = functools.partial(_sum_losses, moe, "aux_loss", zero)
+            z_loss = functools.partial(_sum_losses, moe, "z_loss", zero)
+        else:
+            aux_loss, z_loss = _sum_losses(moe, "aux_loss", zero), _sum_losses(moe, "z_loss", zero)
         lm_loss = loss = None
         if targets is not None:
             lm_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))

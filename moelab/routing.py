@@ -12,6 +12,7 @@ comment starting with "DeepSpeed:" that says what it does and why moelab differs
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -40,6 +41,35 @@ class _computed_once:
         return value
 
 
+class DeferredField:
+    """A dataclass field holding a tensor, or a function that computes it on first read.
+
+    The routing losses use it: serving never reads them, and at a few hundred tokens their ~10
+    small ops are a fifth of routing's cost. Any code that reads the field gets the tensor."""
+
+    def __set_name__(self, owner, name):
+        self.name, self.stored = name, "_" + name
+
+    def __get__(self, instance, owner=None):
+        if instance is None:  # what dataclass asks for a default: there is none
+            raise AttributeError(self.name)
+        value = instance.__dict__[self.stored]
+        if not isinstance(value, Tensor):
+            value = instance.__dict__[self.stored] = value()
+        return value
+
+    def __set__(self, instance, value):
+        instance.__dict__[self.stored] = value
+
+
+def deferred(compute, *inputs: Tensor):
+    """``compute(*inputs)`` now when autograd needs its graph (an input requires grad, or
+    torch.compile is tracing), else a function that computes it on first read."""
+    if torch.compiler.is_compiling() or any(t.requires_grad for t in inputs):
+        return compute(*inputs)
+    return functools.partial(compute, *inputs)
+
+
 @dataclass
 class Routing:
     """The token-to-expert mapping table, plus what the losses and views need.
@@ -59,8 +89,10 @@ class Routing:
     capacity: int | None  # slots per expert; None = dropless
     probs: Tensor  # [S, E] float: router probabilities softmax(logits)
     counts: Tensor  # [E] long: routes asked of each expert, before dropping
-    aux_loss: Tensor  # 0-dim: the load-balancing loss l_aux
-    z_loss: Tensor  # 0-dim: router z-loss (ST-MoE), mean(logsumexp(logits)^2)
+    # 0-dim: the load-balancing loss l_aux, and the router z-loss (ST-MoE),
+    # mean(logsumexp(logits)^2); either may be given as a function, run on first read
+    aux_loss: Tensor = DeferredField()
+    z_loss: Tensor = DeferredField()
     expert_choice: bool = False
 
     @property
@@ -307,7 +339,7 @@ def route(
     # probs = softmax(x · W_g) over experts                                     [S, E]
     probs = torch.softmax(logits, dim=-1)
     top = torch.argmax(probs, dim=-1)  # [S]: each token's most probable expert
-    z_loss = _z_loss(logits, probs, top)
+    z_loss = deferred(_z_loss, logits, probs, top)
 
     if choice == "expert":
         return _expert_choice(logits, probs, z_loss, k, capacity_factor, min_capacity)
@@ -340,7 +372,7 @@ def route(
         expert = torch.topk(choice_scores, k, dim=-1).indices
 
     # load-balancing loss, DeepSpeed's formula for each k (computed before dropping)
-    aux_loss = _aux_loss(probs, expert)
+    aux_loss = deferred(_aux_loss, probs, expert)
 
     # ---- capacity and dropping ------------------------------------------------------------
     # Route order: the order in which routes take slots. top-2 gives every first choice a slot

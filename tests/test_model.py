@@ -43,6 +43,21 @@ def test_forward_returns_losses_and_every_routing():
     torch.testing.assert_close(out.lm_loss, manual_ce)
 
 
+def test_losses_without_targets_or_autograd_are_summed_on_first_read():
+    torch.manual_seed(0)
+    model = GPT(preset("tiny")).eval()
+    idx = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        lazy = model(idx)
+    assert callable(lazy.__dict__["_aux_loss"]) and callable(lazy.__dict__["_z_loss"])
+    eager = model(idx)  # autograd on: summed at once, with their graph
+    assert eager.aux_loss.grad_fn is not None
+    moe = [r for r in lazy.routings if r is not None]
+    torch.testing.assert_close(lazy.aux_loss, sum(r.aux_loss for r in moe))
+    torch.testing.assert_close(lazy.aux_loss, eager.aux_loss.detach())
+    torch.testing.assert_close(lazy.z_loss, eager.z_loss.detach())
+
+
 def test_z_loss_coefficient_enters_the_loss():
     torch.manual_seed(0)
     model = GPT(preset("tiny", z_loss_coef=1e-3))

@@ -412,3 +412,18 @@ def test_routing_layout_tensors_are_computed_once_and_match_their_definitions(dr
             assert int(routing.row[s, j]) == (start + slot if slot >= 0 else -1)
     dropped = dataclasses.replace(routing, slot=torch.full_like(routing.slot, -1))
     assert dropped.load.tolist() == [0, 0, 0, 0] and bool((dropped.row == -1).all())
+
+
+def test_losses_are_computed_on_first_read_when_no_gradient_needs_them():
+    logits = random_logits(6, 24, 5)
+    with torch.no_grad():
+        lazy = route(logits, k=2, training=False)
+    assert callable(lazy.__dict__["_aux_loss"]) and callable(lazy.__dict__["_z_loss"])
+    eager = route(logits.clone().requires_grad_(), k=2, training=False)
+    assert isinstance(eager.__dict__["_aux_loss"], torch.Tensor)
+    assert eager.aux_loss.grad_fn is not None and eager.z_loss.grad_fn is not None
+    torch.testing.assert_close(lazy.aux_loss, eager.aux_loss.detach())
+    torch.testing.assert_close(lazy.z_loss, eager.z_loss.detach())
+    assert lazy.aux_loss is lazy.aux_loss  # computed once, then kept
+    copy = dataclasses.replace(lazy, weight=lazy.weight * 2)  # reads the losses, keeps them
+    assert copy.aux_loss is lazy.aux_loss and "aux_loss=" in repr(copy)
