@@ -42,15 +42,6 @@ def expert_offsets(routing: Routing) -> Tensor:
     return routing.offsets
 
 
-def buffer_row(routing: Routing) -> Tensor:
-    """[S, k] long: the row of each route in the flattened dispatch buffer; -1 where dropped.
-
-    Capacity layout: e·C + slot. Packed layout: offsets[e] + slot (``routing.row``, computed
-    once per Routing, so dispatch and combine share it).
-    """
-    return routing.row
-
-
 def _num_rows(routing: Routing) -> int:
     if routing.capacity is not None:
         return routing.num_experts * routing.capacity
@@ -67,7 +58,7 @@ def _every_row_filled(routing: Routing, num_rows: int) -> bool:
 def _source_token(routing: Routing, num_rows: int) -> Tensor:
     """[rows] long: the token that fills each buffer row, S (a padding index) for empty rows."""
     num_tokens, k = routing.expert.shape
-    rows = buffer_row(routing).reshape(-1)  # [S·k], -1 where dropped
+    rows = routing.row.reshape(-1)  # [S·k]: each route's buffer row, -1 where dropped
     token = torch.arange(num_tokens, device=rows.device)[:, None].expand(-1, k).reshape(-1)
     if _every_row_filled(routing, num_rows):
         return torch.empty_like(rows).scatter_(0, rows, token)
@@ -101,7 +92,7 @@ def _zero_rows_(buffer: Tensor, rows: Tensor) -> Tensor:
 def _combine_index(expert_out: Tensor, routing: Routing) -> Tensor:
     num_tokens, k = routing.expert.shape
     flat_out = expert_out.reshape(-1, expert_out.shape[-1])  # [rows, d]
-    rows = buffer_row(routing).clamp(min=0)  # [S, k]
+    rows = routing.row.clamp(min=0)  # [S, k]: each route's buffer row
     # Dropped routes read row 0 with weight 0, so they add nothing (and get no gradient).
     weight = routing.weight.to(expert_out.dtype)  # [S, k]
     if not (torch.is_grad_enabled() and (expert_out.requires_grad or weight.requires_grad)):
