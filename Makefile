@@ -1,7 +1,8 @@
 # moelab: every target makes .venv on first use, then reuses it.
 #
 #   make lab     JupyterLab on notebooks/
-#   make test    the whole suite (unit tests, notebooks via nbmake, the browser test)
+#   make test    ruff over the whole tree, then the whole suite (unit tests, every notebook run
+#                through nbclient, the browser test)
 #   make bench   benchmarks/bench_layer.py, bench_inference.py and bench_train.py -> RESULTS.md
 #   make tour    run notebooks/00_tour.ipynb headless into build/
 #   make lint    ruff
@@ -25,7 +26,7 @@ ARGS ?=
 
 help:
 	@echo "make lab    JupyterLab on notebooks/ (first run installs .venv, ~3 min)"
-	@echo "make test   whole test suite with MOELAB_PRESET=smoke (pass pytest args as ARGS=...)"
+	@echo "make test   ruff, then the whole test suite with MOELAB_PRESET=smoke (pytest args: ARGS=...)"
 	@echo "make bench  benchmarks (layer, training): tables into benchmarks/RESULTS.md"
 	@echo "make tour   execute notebooks/00_tour.ipynb headless into build/"
 	@echo "make lint   ruff check"
@@ -57,7 +58,9 @@ venv: $(VENV)/.stamp-dev
 lab: $(VENV)/.stamp-lab
 	$(VENV)/bin/jupyter lab notebooks/
 
+# ruff first: it takes a second, and a lint error fails the run before the suite starts.
 test: $(VENV)/.stamp-dev
+	$(VENV)/bin/ruff check .
 	MOELAB_PRESET=smoke $(PY) -m pytest $(ARGS)
 
 bench: $(VENV)/.stamp-dev

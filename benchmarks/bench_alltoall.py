@@ -1,6 +1,6 @@
 """Expert-parallel exchanges on this machine, and by formula at the paper's scale (a benchmark).
 
-For 2 and 4 local ranks (gloo, through moelab.dist.launch): messages and bytes each rank sends
+For 2 and 4 local ranks (gloo, through moelab.parallel.launch): messages and bytes each rank sends
 per forward of one expert-parallel MoE layer, and time, for the flat all-to-all, the
 hierarchical one (§5.3, Fig. 8; node_size 2 at 4 ranks) and the parallelism-coordinated one
 (§5.3, Fig. 9; tp_size 2 at 4 ranks, so ep_size 2), at a few token counts per rank. Then the
@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from moelab.dist.demo import bytes_per_forward, messages_per_forward, paper_layouts
-from moelab.dist.launch import launch
+from moelab.exchanges import bytes_per_forward, messages_per_forward, paper_layouts
+from moelab.parallel import launch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _report, also when loaded by path
 from _report import cpu_model, write_section  # noqa: E402
@@ -39,7 +39,8 @@ HERE = Path(__file__).resolve().parent
 NUM_EXPERTS = 8
 CONFIGS = {
     2: [dict(exchange="flat")],
-    4: [dict(exchange="flat"), dict(exchange="hierarchical", node_size=2), dict(tp_size=2)],
+    4: [dict(exchange="flat"), dict(exchange="hierarchical", node_size=2),
+        dict(exchange="tp_coordinated", tp_size=2)],
 }
 
 
@@ -53,7 +54,7 @@ def buffer_bytes(tokens: int, d_model: int, tp_size: int) -> int:
 def measure(world: int, token_counts: list[int], rounds: int, warmup: int, d_model: int,
             d_ff: int) -> tuple[list[dict], float]:
     start = time.perf_counter()
-    results = launch("moelab.dist.demo:exchange_benchmark", nprocs=world, quiet=True,
+    results = launch("moelab.examples.parallel_demo:exchange_benchmark", nprocs=world, quiet=True,
                      timeout=900, args=(CONFIGS[world], token_counts),
                      kwargs=dict(rounds=rounds, warmup=warmup, d_model=d_model, d_ff=d_ff,
                                  num_experts=NUM_EXPERTS))

@@ -9,7 +9,7 @@ top-1 gating (``--k 2`` for top-2), E experts per MoE layer. Random router weigh
 unevenly but deterministically; that is enough to time the paths, not to judge quality.
 Grid: E in {8, 32, 64} x batch B in {1, 8, 32} (``--quick``: E=8, B=2, a few steps, seconds).
 
-Paths (each one greedy ``moelab.inference.generate`` call, dropless routing as generate serves):
+Paths (each one greedy ``moelab.generation.generate`` call, dropless routing as generate serves):
 
 - ``naive``: backend "einsum" (GShard/DeepSpeed one-hot [S, E, C] masks) and ``use_cache=False``:
   every step recomputes the whole prefix, B·T tokens.
@@ -22,7 +22,7 @@ Paths (each one greedy ``moelab.inference.generate`` call, dropless routing as g
 Per-token latency is the time of one decode step (one new token for every sequence), tokens/s is
 B / that. The MoE part of a decode step (gate + dispatch + exchange + expert FFN + combine, summed
 over the MoE layers; the exchange is 0 on one process) comes from
-``moelab.inference.decode_latency``, the latency breakdown measured with module hooks, at the
+``moelab.profiling.decode_latency``, the latency breakdown measured with module hooks, at the
 same prompt length and the same decode positions as the generate calls. The hooks cost time of
 their own, so a profiled step is a little slower than an unprofiled one; the MoE share ("% of
 step") is of the profiled step.
@@ -63,8 +63,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))  # _report, also when loaded by pat
 
 from _report import describe_cpu, load_average_warning, omp_wait_policy, write_section  # noqa: E402  (benchmarks/, the script's own folder)
 
-from moelab.inference import decode_latency, generate  # noqa: E402
+from moelab.generation import generate  # noqa: E402
 from moelab.model import GPT, GPTConfig  # noqa: E402
+from moelab.profiling import decode_latency  # noqa: E402
 
 START, END = "<!-- bench_inference:start -->", "<!-- bench_inference:end -->"
 NOTES = "<!-- bench_inference:notes (hand-written, kept by reruns) -->"
@@ -122,9 +123,9 @@ class Point:
 
 def make_model(E: int, args, device: torch.device) -> GPT:
     torch.manual_seed(args.seed)
-    config = GPTConfig(vocab_size=256, block_size=max(128, args.prompt + args.steps + 1),
-                       n_layer=args.layers, n_head=args.heads, d_model=args.d_model, experts=E,
-                       moe_every=2, k=args.k, name=f"bench_inference_E{E}")
+    config = GPTConfig.create(vocab_size=256, block_size=max(128, args.prompt + args.steps + 1),
+                              n_layer=args.layers, n_head=args.heads, d_model=args.d_model,
+                              experts=E, moe_every=2, k=args.k, name=f"bench_inference_E{E}")
     return GPT(config).to(device).eval()
 
 

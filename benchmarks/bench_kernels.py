@@ -192,7 +192,7 @@ def grouped_ffn_section(grid, dtype, device, bench, mm_tflops, copy_gbps) -> lis
                 num_tokens = max(1, m * num_experts // k)
                 routing = balanced_routing(num_tokens, num_experts, k, device)
                 x = torch.randn(num_tokens, d_model, dtype=dtype, device=device)
-                offsets = moelab.expert_offsets(routing)
+                offsets = routing.offsets
                 with torch.no_grad():
                     error = relative_error(expert_ffn(x, routing, experts),
                                            torch_ffn(experts, x, routing, offsets))

@@ -57,8 +57,8 @@ def run(config: GPTConfig, data, steps: int, batch_size: int, seed: int = 0, los
 
 def base_config(quick: bool, **overrides) -> GPTConfig:
     width = dict(d_model=64, n_head=2) if quick else dict(d_model=128, n_head=4)
-    return GPTConfig(**{"block_size": 64 if quick else 128, "n_layer": 4, **width,
-                        "name": "base", **overrides})
+    return GPTConfig.create(**{"block_size": 64 if quick else 128, "n_layer": 4, **width,
+                               "name": "base", **overrides})
 
 
 def main() -> None:

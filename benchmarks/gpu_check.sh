@@ -2,7 +2,7 @@
 # One prepared call on a lent CUDA machine (see DEVELOPERS.md / the device tool):
 #   bash benchmarks/gpu_check.sh [kernels] [inference]      (both when no part is named)
 # kernels: tests/test_kernels.py compiled for the GPU, then bench_kernels.py;
-# inference: the CUDA-graph tests of tests/test_inference.py, then bench_inference.py.
+# inference: tests/test_cuda_graph.py (the CUDA-graph tests run there), then bench_inference.py.
 # Runs under the machine's own python3 (torch, triton, pytest, hypothesis are there); moelab is
 # imported from this checkout, with kernels/ linked as moelab/kernels as pyproject's package-dir
 # maps it (the link is removed at the end). Logs and RESULTS.md land in $OUT (or ./build/gpu).
@@ -32,7 +32,7 @@ for part in $parts; do
   case $part in
     kernels) pytest kernels "${TEST_SECONDS:-150}" tests/test_kernels.py
              bench kernels "${BENCH_SECONDS:-330}" ;;
-    inference) pytest inference "${TEST_SECONDS:-150}" tests/test_inference.py -k cuda
+    inference) pytest inference "${TEST_SECONDS:-150}" tests/test_cuda_graph.py
                bench inference "${BENCH_SECONDS:-330}" ${BENCH_ARGS:-} ;;
     *) echo "unknown part $part (kernels, inference)"; exit 2 ;;
   esac

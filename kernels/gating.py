@@ -29,15 +29,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moelab.routing import (
-    Routing,
-    _aux_loss,
-    _check_logits,
-    _check_options,
-    _z_loss,
-    deferred,
-    expert_capacity,
-)
+from moelab.config import resolve
+from moelab.losses import aux_loss, z_loss
+from moelab.router import RouterConfig, check_logits
+from moelab.routing import Routing, deferred, expert_capacity
 
 from ._runtime import check_launch, next_power_of_2, tl, triton
 
@@ -146,21 +141,26 @@ def _slot_kernel(expert_ptr, weight_ptr, slot_ptr, start_ptr, num_tokens, num_ex
             tl.store(weight_ptr + route, gate / denom, mask=token_ok)
 
 
-def fused_route(logits: Tensor, *, k: int = 1, capacity_factor: float = 1.0,
-                min_capacity: int = 4, drop_tokens: bool = True,
-                renormalize: bool | None = None, block_tokens: int | None = None) -> Routing:
+def fused_route(logits: Tensor, config: RouterConfig | None = None, *,
+                block_tokens: int | None = None, **options) -> Routing:
     """Route S tokens over E experts with the fused gating kernels (inference: no RTS, no noise).
 
-    Same arguments and result as ``moelab.route(logits, k=k, capacity_factor=...,
-    min_capacity=..., drop_tokens=..., renormalize=..., training=False,
-    drop_policy="position")`` for k in {1, 2} (renormalize None: top-1 keeps the raw probability,
-    top-2 divides the kept weights by their sum).
-    ``block_tokens`` (a power of 2) is the number of tokens each program of the block kernels
-    handles. aux_loss and z_loss are computed with torch from the probabilities the kernel wrote.
+    Same arguments and result as ``moelab.route(logits, config, training=False, **options)``
+    for k in {1, 2}, token choice and the "position" drop policy (renormalize None: top-1 keeps
+    the raw probability, top-2 divides the kept weights by their sum); the capacity factor is
+    the config's eval one. ``block_tokens`` (a power of 2) is the number of tokens each program
+    of the block kernels handles. aux_loss and z_loss are computed with torch from the
+    probabilities the kernel wrote.
     """
-    _check_logits(logits)
+    config = resolve(RouterConfig, config, options)
+    check_logits(logits)
     num_tokens, num_experts = logits.shape
-    _check_options(num_experts, k, capacity_factor, min_capacity, None, "position", "token")
+    config.check_experts(num_experts)
+    k = config.k
+    if config.choice != "token" or config.drop_policy != "position":
+        raise ValueError(f"fused_route is token-choice routing with the 'position' drop policy; "
+                         f"got choice={config.choice!r}, drop_policy={config.drop_policy!r}: "
+                         "use moelab.route")
     if k not in (1, 2):
         raise ValueError(f"fused_route handles k = 1 and k = 2 (DeepSpeed's top1/top2 gating); "
                          f"got k={k}: use moelab.route for k > 2")
@@ -194,17 +194,18 @@ def fused_route(logits: Tensor, *, k: int = 1, capacity_factor: float = 1.0,
     _scan_kernel[(triton.cdiv(num_experts, scan_e),)](
         hist, counts_per_choice, num_experts, num_blocks, K=k,
         BLOCK_B=min(SCAN_BLOCK, max(2, next_power_of_2(num_blocks))), BLOCK_E=scan_e)
-    capacity = (expert_capacity(num_tokens, num_experts, capacity_factor, k, min_capacity)
-                if drop_tokens else None)
+    capacity = (expert_capacity(num_tokens, num_experts, config.capacity_factor_for(False), k,
+                                config.min_capacity) if config.drop_tokens else None)
     _slot_kernel[(num_blocks,)](
         expert, weight, slot, hist, num_tokens, num_experts, num_blocks,
         capacity if capacity is not None else 0, torch.finfo(torch.float32).eps,
         K=k, DROPLESS=capacity is None,
-        RENORMALIZE=k > 1 if renormalize is None else bool(renormalize), BLOCK_S=block_tokens)
+        RENORMALIZE=k > 1 if config.renormalize is None else config.renormalize,
+        BLOCK_S=block_tokens)
 
     # Losses from what the kernel wrote (DeepSpeed's formulas, as in moelab.route).
     # (computed on first read: the fused gate serves, and serving never reads them)
-    z_loss = deferred(_z_loss, logits.float(), probs, expert[:, 0])  # first choice = argmax
-    aux_loss = deferred(_aux_loss, probs, expert)
+    z = deferred(z_loss, logits.float(), probs, expert[:, 0])  # first choice = argmax
+    aux = deferred(aux_loss, probs, expert)
     return Routing(expert=expert, weight=weight, slot=slot, capacity=capacity, probs=probs,
-                   counts=counts_per_choice.sum(dim=0), aux_loss=aux_loss, z_loss=z_loss)
+                   counts=counts_per_choice.sum(dim=0), aux_loss=aux, z_loss=z)

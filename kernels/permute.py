@@ -16,7 +16,7 @@ gather, S·k·d work:
   ``d_w[s, j] = <dy[s], out[row(s, j)]>``.
 
 ``base[e]`` is e·C in the capacity layout [E, C, d] and the packed offset of expert e in the
-dropless layout [N, d] (``moelab.expert_offsets``).
+dropless layout [N, d] (``Routing.offsets``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from moelab.dispatch import expert_offsets
 from moelab.routing import Routing
 
 from ._runtime import check_launch, next_power_of_2, tl, triton
@@ -154,7 +153,7 @@ def layout(routing: Routing, load_host: Tensor | None = None) -> Table:
         base = torch.arange(routing.num_experts, device=routing.slot.device) * routing.capacity
         rows = routing.num_experts * routing.capacity
     else:
-        offsets = expert_offsets(routing)
+        offsets = routing.offsets
         base = offsets[:-1].contiguous()
         rows = int(load_host.sum()) if load_host is not None else int(offsets[-1].item())
     return Table(routing.expert.contiguous(), routing.slot.contiguous(), base, rows,

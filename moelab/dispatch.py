@@ -20,7 +20,7 @@ Three backends compute the same buffers (and gradients):
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .routing import Routing
 
@@ -34,12 +34,6 @@ def check_backend(backend: str) -> None:
         from .kernels import check_available  # light: finds Triton without importing it
 
         check_available()  # Triton installed, and a CUDA GPU or TRITON_INTERPRET=1
-
-
-def expert_offsets(routing: Routing) -> Tensor:
-    """[E + 1] long: where each expert's rows start in the packed (dropless) buffer
-    (``routing.offsets``, computed once per Routing)."""
-    return routing.offsets
 
 
 def _num_rows(routing: Routing) -> int:
@@ -182,3 +176,37 @@ def combine(expert_out: Tensor, routing: Routing, backend: str = "index") -> Ten
     if backend == "index":
         return _combine_index(expert_out, routing)
     return _combine_einsum(expert_out, routing)
+
+
+class Dispatch(nn.Module):
+    """The dispatch stage of an MoE layer: `dispatch` with the layer's backend, as a module so
+    that hooks (the latency profiler's) see where it starts and ends.
+
+    ``passthrough``: the layer's fused runner reads each route's token through the mapping
+    table itself, so this stage hands the tokens on unchanged."""
+
+    def __init__(self, backend: str = "index") -> None:
+        super().__init__()
+        check_backend(backend)
+        self.backend, self.passthrough = backend, False
+
+    def forward(self, tokens: Tensor, routing: Routing) -> Tensor:
+        return tokens if self.passthrough else dispatch(tokens, routing, self.backend)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}" + (", passthrough" if self.passthrough else "")
+
+
+class Combine(nn.Module):
+    """The combine stage of an MoE layer: `combine` with the layer's backend, as a module."""
+
+    def __init__(self, backend: str = "index") -> None:
+        super().__init__()
+        check_backend(backend)
+        self.backend = backend
+
+    def forward(self, expert_out: Tensor, routing: Routing) -> Tensor:
+        return combine(expert_out, routing, self.backend)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}"

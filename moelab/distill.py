@@ -9,12 +9,11 @@ on the LM loss alone afterwards. DeepSpeed has no flag for this (it is done by r
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import check_int
 from .model import GPTConfig
 
 
@@ -22,15 +21,14 @@ def student_config(teacher: GPTConfig, n_layer: int) -> GPTConfig:
     """The teacher's config with fewer layers (the paper: 24 -> 21). The student keeps the
     teacher's *last* expert counts, so the pyramid's big top layers survive
     (teacher 32×10 + 64×2 -> student 32×8 + 64×2, as in the MoS scripts)."""
-    if isinstance(n_layer, bool) or not isinstance(n_layer, int) or n_layer < 1:
-        raise ValueError(f"n_layer must be an integer >= 1; got {n_layer!r}")
+    n_layer = check_int("n_layer", n_layer)
     if n_layer > teacher.n_layer:
         raise ValueError(f"a student has at most the teacher's depth: n_layer={n_layer} > "
                          f"teacher n_layer={teacher.n_layer}; choose n_layer <= "
                          f"{teacher.n_layer}")
     n_moe = n_layer // teacher.moe_every if teacher.expert_schedule else 0
     schedule = teacher.expert_schedule[len(teacher.expert_schedule) - n_moe:] if n_moe else 0
-    return replace(teacher, n_layer=n_layer, experts=schedule, name=f"{teacher.name}_student")
+    return teacher.replace(n_layer=n_layer, experts=schedule, name=f"{teacher.name}_student")
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:

@@ -9,22 +9,15 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import check_choice, check_int
+
 ACTIVATIONS = ("gelu", "swiglu", "relu")
-
-
-def check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
-
-
-def check_activation(activation: str) -> None:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}; got {activation!r}")
 
 
 def activate(h: Tensor, activation: str, inplace: bool = False) -> Tensor:
@@ -56,16 +49,19 @@ class Experts(nn.Module):
     DeepSpeed: deep-copies one expert, so every expert (and with equal seeds every rank) starts
     with identical weights and only routing noise breaks the symmetry. moelab draws each expert's
     weights independently (nn.Linear's init, per expert).
+
+    ``parallel``: None when the bank holds all of its layer's experts; under expert parallelism
+    (`moelab.parallel.parallelize`) the plan whose slice of the experts this bank holds
+    (``parallel.local_experts``), which checkpoints and gradient averaging read.
     """
 
     def __init__(self, num_experts: int, d_model: int, d_ff: int, activation: str = "gelu",
                  bias: bool = True) -> None:
         super().__init__()
-        for name, value in (("num_experts", num_experts), ("d_model", d_model), ("d_ff", d_ff)):
-            check_positive_int(name, value)
-        check_activation(activation)
-        self.num_experts, self.d_model, self.d_ff = num_experts, d_model, d_ff
-        self.activation = activation
+        self.num_experts = check_int("num_experts", num_experts)
+        self.d_model, self.d_ff = check_int("d_model", d_model), check_int("d_ff", d_ff)
+        self.activation = check_choice("activation", activation, ACTIVATIONS)
+        self.parallel = None
         width = 2 * d_ff if activation == "swiglu" else d_ff
         self.w_in = nn.Parameter(torch.empty(num_experts, d_model, width))
         self.w_out = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
@@ -177,3 +173,18 @@ class Experts(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, "
                 f"activation={self.activation!r}, bias={self.b_in is not None}")
+
+
+def expert_banks(model: nn.Module) -> Iterator[tuple[str, Experts]]:
+    """Every `Experts` bank in ``model`` with its qualified name: the one walker that parameter
+    groups, checkpoints and gradient averaging use to tell expert parameters from shared ones
+    (by module type, never by a substring of a parameter's name)."""
+    for name, module in model.named_modules():
+        if isinstance(module, Experts):
+            yield name, module
+
+
+def expert_parameter_names(model: nn.Module) -> set[str]:
+    """Qualified names of the parameters that live in Experts banks."""
+    return {f"{name}.{p}" if name else p for name, bank in expert_banks(model)
+            for p, _ in bank.named_parameters()}

@@ -75,11 +75,11 @@ def from_hf(block: nn.Module, backend: str = "index") -> MoE:
     d_ff = width // 2
     k = block.gate.top_k
     reference = experts.gate_up_proj
-    options = dict(k=k, drop_tokens=False, use_rts=False, noisy_gate_policy=None,
-                   second_expert_sampling=False, activation="swiglu", bias=False,
-                   backend=backend)
+    layer_options = dict(k=k, drop_tokens=False, use_rts=False, noisy_gate_policy=None,
+                         second_expert_sampling=False, activation="swiglu", bias=False,
+                         backend=backend)
     if kind == "mixtral":
-        moe = MoE(d_model, d_ff, num_experts, renormalize=True, **options)
+        moe = MoE(d_model, d_ff, num_experts, renormalize=True, **layer_options)
     else:
         shared = block.shared_expert
         if not _is_silu(shared.act_fn):
@@ -87,7 +87,7 @@ def from_hf(block: nn.Module, backend: str = "index") -> MoE:
                              f"residual MLP here is SwiGLU")
         moe = MoE(d_model, d_ff, num_experts, renormalize=bool(block.gate.norm_topk_prob),
                   residual=True, residual_gate="sigmoid",
-                  residual_d_ff=shared.gate_proj.weight.shape[0], **options)
+                  residual_d_ff=shared.gate_proj.weight.shape[0], **layer_options)
         moe.mlp.fc_in.weight.copy_(torch.cat([shared.gate_proj.weight,
                                               shared.up_proj.weight], dim=0))
         moe.mlp.fc_out.weight.copy_(shared.down_proj.weight)
@@ -100,22 +100,22 @@ def from_hf(block: nn.Module, backend: str = "index") -> MoE:
 
 
 def _check_exportable(moe: MoE) -> None:
-    options = moe.router.options
+    router = moe.router.config
     problems = []
     if moe.experts.activation != "swiglu":
         problems.append(f"activation={moe.experts.activation!r} (HF blocks use SwiGLU)")
     if moe.experts.b_in is not None:
         problems.append("expert biases (HF experts have none)")
-    if options["drop_tokens"]:
+    if router.drop_tokens:
         problems.append("drop_tokens=True (HF blocks are dropless; build with "
                         "drop_tokens=False)")
-    if options["choice"] != "token":
+    if router.choice != "token":
         problems.append("expert-choice routing")
     if moe.parallel is not None:
-        problems.append("expert parallelism (ep_size > 1)")
-    if moe.router.bias_update_rate > 0:
+        problems.append("expert parallelism (a parallelized layer holds a slice of the experts)")
+    if router.bias_update_rate > 0:
         problems.append("an aux-free selection bias")
-    if moe.residual and moe.residual_gate != "sigmoid":
+    if moe.residual and moe.config.residual_gate != "sigmoid":
         problems.append("residual_gate='softmax' (DeepSpeed's Residual-MoE has no HF block; "
                         "Qwen's shared expert is residual_gate='sigmoid')")
     if moe.residual and moe.mlp.fc_in.bias is not None:
@@ -134,7 +134,7 @@ def to_hf(moe: MoE) -> nn.Module:
     experts = moe.experts
     d_model, d_ff, num_experts = experts.d_model, experts.d_ff, moe.num_experts
     k = moe.router.k
-    renormalize = moe.router.options["renormalize"]
+    renormalize = moe.router.config.renormalize
     renormalize = k > 1 if renormalize is None else renormalize
     reference = experts.w_in
     if moe.residual:

@@ -4,16 +4,61 @@
 output mixed with the experts' by a learned per-token two-way softmax (as DeepSpeed implements
 "adding the two branches"). Pyramid-Residual MoE (PR-MoE) is this layer with more experts in the
 last layers; the model builds that.
+
+The code that runs the experts is chosen once (at construction, `set_backend` and
+`moelab.parallel.parallelize`), never per call: "local" (this process holds every expert),
+"fused" (backend "triton": the grouped GEMM reads each route's token through the mapping table,
+so dispatch writes no copy) or "parallel" (expert parallelism: the exchange to the experts'
+ranks and back, installed from outside by ``parallelize``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
-from .dispatch import check_backend, combine, dispatch, expert_offsets
-from .experts import Experts, activate, check_activation, check_positive_int
-from .routing import Router, Routing
+from .config import Config, check_int, documented, option, resolve
+from .dispatch import BACKENDS, Combine, Dispatch, check_backend
+from .experts import ACTIVATIONS, Experts, activate
+from .router import Router, RouterConfig
+from .routing import Routing
+
+RESIDUAL_GATES = ("softmax", "sigmoid")
+RUNNERS = ("local", "fused", "parallel")
+
+
+@documented
+@dataclass(frozen=True)
+class MoEConfig(Config):
+    """An MoE layer's options except its sizes (d_model, d_ff, num_experts): the router's, the
+    experts', the residual branch's and the backend. `moelab.model.GPTConfig` nests one, so every
+    option reaches every MoE layer of a GPT."""
+
+    router: RouterConfig = option(RouterConfig(), "the gate's options (see RouterConfig)",
+                                  kind="config")
+    activation: str = option("gelu", "the FFN activation: 'gelu' (the paper's GPT), 'swiglu' or "
+                                     "'relu'; a GPT's dense FFNs use it too",
+                             choices=ACTIVATIONS)
+    bias: bool = option(True, "biases in the experts and in the residual MLP")
+    residual: bool = option(
+        False, "Residual-MoE (§4.1.2): a dense MLP beside the experts, "
+               "y = g₀(x)·MoE(x) + g₁(x)·MLP(x) with g = softmax(W_c x + b_c)")
+    residual_gate: str = option(
+        "softmax", "'softmax' (DeepSpeed's two-way mix) or 'sigmoid' (Qwen-MoE's shared "
+                   "expert: y = MoE(x) + sigmoid(w·x)·MLP(x))", choices=RESIDUAL_GATES)
+    residual_d_ff: int | None = option(None, "the residual MLP's hidden width; None = d_ff",
+                                       kind="int", low=1)
+    backend: str = option("index", "'index' (the mapping table), 'einsum' (GShard's one-hot "
+                                   "masks) or 'triton' (the mapping table in Triton kernels)",
+                          choices=BACKENDS)
+
+    def validate(self) -> None:
+        if self.residual_d_ff is not None and not self.residual:
+            raise ValueError(f"residual_d_ff={self.residual_d_ff} sets the residual MLP's width, "
+                             "but residual=False: set residual=True too, or leave it None")
 
 
 class MLP(nn.Module):
@@ -21,7 +66,8 @@ class MLP(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int, activation: str = "gelu", bias: bool = True):
         super().__init__()
-        check_activation(activation)
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}; got {activation!r}")
         self.activation = activation
         self.fc_in = nn.Linear(d_model, 2 * d_ff if activation == "swiglu" else d_ff, bias=bias)
         self.fc_out = nn.Linear(d_ff, d_model, bias=bias)
@@ -33,121 +79,104 @@ class MLP(nn.Module):
 class MoE(nn.Module):
     """A Mixture-of-Experts FFN layer, DeepSpeed-MoE's semantics by default.
 
-    Args:
-        d_model, d_ff, num_experts: model width, expert hidden width, number of experts E.
-        k: experts per token. capacity_factor / eval_capacity_factor / min_capacity /
-            drop_tokens / use_rts / noisy_gate_policy / second_expert_sampling / drop_policy /
-            choice / bias_update_rate: the router's options (see `moelab.routing.route`).
-        activation: "gelu" (the paper's GPT), "swiglu" or "relu". bias: biases in the experts.
-        residual: Residual-MoE (§4.1.2): y = g₀(x)·MoE(x) + g₁(x)·MLP(x), g = softmax(W_c x + b_c).
-            residual_gate="sigmoid" is Qwen-MoE's shared expert instead:
-            y = MoE(x) + sigmoid(w·x)·MLP(x); residual_d_ff sets the MLP's width (default d_ff).
-        renormalize: divide each token's kept weights by their sum (None: DeepSpeed's choice,
-            yes for k > 1).
-        backend: "index" (mapping table, the default), "einsum" (one-hot masks) or "triton"
-            (the mapping table in Triton kernels; the grouped FFN reads tokens through it).
-        ep_size: expert parallelism (needs an initialised process group): this rank holds
-            num_experts / ep_size experts, and the token exchange runs between dispatch and
-            the experts (see `moelab.dist.expert_parallel`). exchange: "flat" or "hierarchical"
-            (with node_size ranks per node); tp_size > 1: the parallelism-coordinated exchange.
+    ``MoE(d_model, d_ff, num_experts, config)`` with an `MoEConfig`, or with any of its options
+    (router options included) by name: ``MoE(64, 256, 8, k=2, residual=True)``.
+    ``generator``: a torch.Generator for the router's random draws.
 
     ``forward(x[..., d]) -> (y[..., d], Routing)``. The layer does not add its losses to
     anything: ``routing.aux_loss`` (times a coefficient, 0.01 in the paper's scripts) and
     ``routing.z_loss`` go into the model's loss.
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        d_ff: int,
-        num_experts: int,
-        k: int = 1,
-        *,
-        capacity_factor: float = 1.0,
-        eval_capacity_factor: float | None = None,
-        min_capacity: int = 4,
-        drop_tokens: bool = True,
-        use_rts: bool = True,
-        noisy_gate_policy: str | None = None,
-        second_expert_sampling: bool = True,
-        drop_policy: str = "position",
-        choice: str = "token",
-        bias_update_rate: float = 0.0,
-        activation: str = "gelu",
-        bias: bool = True,
-        residual: bool = False,
-        backend: str = "index",
-        generator: torch.Generator | None = None,
-        ep_size: int = 1,
-        exchange: str = "flat",
-        node_size: int | None = None,
-        tp_size: int = 1,
-        renormalize: bool | None = None,
-        residual_gate: str = "softmax",
-        residual_d_ff: int | None = None,
-    ) -> None:
+    def __init__(self, d_model: int, d_ff: int, num_experts: int,
+                 config: MoEConfig | None = None, *, generator: torch.Generator | None = None,
+                 **options) -> None:
         super().__init__()
-        for name, value in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts),
-                            ("ep_size", ep_size)):
-            check_positive_int(name, value)
-        check_backend(backend)
-        self.d_model, self.backend = d_model, backend
-        self.router = Router(
-            d_model, num_experts, k=k, capacity_factor=capacity_factor,
-            eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity,
-            drop_tokens=drop_tokens, use_rts=use_rts, noisy_gate_policy=noisy_gate_policy,
-            second_expert_sampling=second_expert_sampling, drop_policy=drop_policy,
-            choice=choice, bias_update_rate=bias_update_rate, generator=generator,
-            renormalize=renormalize)
-        self.parallel = None
-        if ep_size != 1 or tp_size != 1:
-            from .dist.expert_parallel import ExpertParallel
-
-            self.parallel = ExpertParallel(
-                num_experts, ep_size, exchange=exchange, node_size=node_size, tp_size=tp_size,
-                layer_config=dict(d_model=d_model, d_ff=d_ff, k=k, activation=activation,
-                                  residual=residual, drop_tokens=drop_tokens))
-        local_experts = num_experts // ep_size
-        self.experts = Experts(local_experts, d_model, d_ff, activation=activation, bias=bias)
-        self.num_experts = num_experts
-        if residual_gate not in ("softmax", "sigmoid"):
-            raise ValueError(f"residual_gate must be 'softmax' or 'sigmoid'; got {residual_gate!r}")
-        self.residual, self.residual_gate = residual, residual_gate
-        if residual:
-            self.mlp = MLP(d_model, residual_d_ff or d_ff, activation=activation, bias=bias)
+        config = resolve(MoEConfig, config, options)
+        self.d_model = check_int("d_model", d_model)
+        self.d_ff = check_int("d_ff", d_ff)
+        self.num_experts = check_int("num_experts", num_experts)
+        check_backend(config.backend)
+        self._config = config
+        self.router = Router(d_model, num_experts, config.router, generator=generator)
+        self.dispatch = Dispatch(config.backend)
+        self.experts = Experts(num_experts, d_model, d_ff, activation=config.activation,
+                               bias=config.bias)
+        self.combine = Combine(config.backend)
+        if config.residual:
+            self.mlp = MLP(d_model, config.residual_d_ff or d_ff, activation=config.activation,
+                           bias=config.bias)
             # DeepSpeed: a 2-way softmax mix (Linear(d, 2) with bias); Qwen: a sigmoid gate
-            self.coefficient = nn.Linear(d_model, 2 if residual_gate == "softmax" else 1,
-                                         bias=residual_gate == "softmax")
+            sigmoid = config.residual_gate == "sigmoid"
+            self.coefficient = nn.Linear(d_model, 1 if sigmoid else 2, bias=not sigmoid)
+        self.choose_runner()
+
+    # ---- what runs the experts, chosen once
+
+    @property
+    def config(self) -> MoEConfig:
+        """The layer's options, its router's current ones included (the router's config may be
+        replaced, e.g. by `moelab.generation.inference_mode`)."""
+        if self._config.router is not self.router.config:
+            self._config = dataclasses.replace(self._config, router=self.router.config)
+        return self._config
+
+    @property
+    def backend(self) -> str:
+        return self._config.backend
+
+    @property
+    def residual(self) -> bool:
+        return self._config.residual
+
+    @property
+    def parallel(self):
+        """The expert-parallel plan installed by `moelab.parallel.parallelize` (None: local)."""
+        return self.experts.parallel
 
     def set_backend(self, backend: str) -> None:
         check_backend(backend)
-        self.backend = backend
+        self._config = self.config.replace(backend=backend)
+        self.dispatch.backend = self.combine.backend = backend
+        self.choose_runner()
+
+    def choose_runner(self) -> None:
+        """Pick the code that runs the experts from the backend and the parallel plan (called
+        by the constructor, `set_backend` and `parallelize`)."""
+        fused = self.backend == "triton" and self.parallel is None
+        if fused:
+            from .kernels.gating import fused_route  # the layer imports the kernels, never
+            self.router.fused_gate = fused_route  # the router
+        else:
+            self.router.fused_gate = None
+        self.dispatch.passthrough = fused  # the fused GEMM reads tokens through the table
+        self.runner = "parallel" if self.parallel is not None else "fused" if fused else "local"
+
+    def _run_local(self, buffer: Tensor, routing: Routing) -> Tensor:
+        if routing.capacity is not None:
+            return self.experts(buffer)  # [E, C, d]
+        return self.experts(buffer, routing.offsets)  # packed [N, d]
+
+    def _run_fused(self, tokens: Tensor, routing: Routing) -> Tensor:
+        from .kernels.grouped_ffn import expert_ffn
+
+        return expert_ffn(tokens, routing, self.experts)  # [E, C, d] or packed [N, d]
+
+    def _run_parallel(self, buffer: Tensor, routing: Routing) -> Tensor:
+        return self.parallel.run_experts(self.experts, buffer, routing)
+
+    _RUNNERS = {"local": _run_local, "fused": _run_fused, "parallel": _run_parallel}
+
+    # ---- forward
 
     def forward(self, x: Tensor) -> tuple[Tensor, Routing]:
-        if x.shape[-1] != self.d_model:
-            raise ValueError(f"MoE input's last dim must be d_model={self.d_model}; "
-                             f"got shape {tuple(x.shape)}")
+        self._check_input(x)
         tokens = x.reshape(-1, self.d_model)  # [..., d] -> [S, d]
-        # backend "triton" (no expert parallelism): in eval the fused gate writes the mapping
-        # table, and the grouped GEMM reads each route's token row through it, so dispatch's
-        # permuted copy of the tokens is never written.
-        fused = self.backend == "triton" and self.parallel is None
-        routing = self.router(tokens, fused=fused)
-        buffer = None if fused else dispatch(tokens, routing, self.backend)  # [E, C, d] / [N, d]
-        if fused:
-            from .kernels.grouped_ffn import expert_ffn  # imports Triton
-
-            expert_out = expert_ffn(tokens, routing, self.experts)  # [E, C, d] or packed [N, d]
-        elif self.parallel is not None:  # the exchange to the experts' ranks and back
-            rows = routing.load if routing.capacity is None else \
-                torch.full((self.num_experts,), routing.capacity, dtype=torch.long)
-            expert_out = self.parallel.run_experts(self.experts, buffer, rows)
-        elif routing.capacity is not None:
-            expert_out = self.experts(buffer)
-        else:
-            expert_out = self.experts(buffer, expert_offsets(routing))  # packed [N, d]
-        y = combine(expert_out, routing, self.backend).to(x.dtype)  # [S, d]
-        if self.residual and self.residual_gate == "sigmoid":
+        routing = self.router(tokens)  # the gate writes the mapping table
+        buffer = self.dispatch(tokens, routing)  # [E, C, d] or packed [N, d]
+        expert_out = self._RUNNERS[self.runner](self, buffer, routing)  # same layout
+        y = self.combine(expert_out, routing).to(x.dtype)  # [S, d]
+        if self.residual and self._config.residual_gate == "sigmoid":
             # Qwen-MoE's shared expert: y = MoE(x) + sigmoid(w · x) · MLP(x)
             y = y + torch.sigmoid(self.coefficient(tokens)) * self.mlp(tokens)
         elif self.residual:
@@ -157,5 +186,17 @@ class MoE(nn.Module):
             y = y * coef[:, 0:1] + self.mlp(tokens) * coef[:, 1:2]
         return y.view(x.shape), routing
 
+    def _check_input(self, x) -> None:
+        if not isinstance(x, Tensor):
+            raise ValueError(f"MoE input must be a tensor [..., d_model={self.d_model}]; got "
+                             f"{type(x).__name__} (convert it with torch.as_tensor(x, "
+                             f"dtype=torch.float32))")
+        if not x.is_floating_point():
+            raise ValueError(f"MoE input must be floating point (token vectors); got {x.dtype}: "
+                             "token ids go through an embedding first")
+        if x.dim() == 0 or x.shape[-1] != self.d_model:
+            raise ValueError(f"MoE input's last dim must be d_model={self.d_model}; "
+                             f"got shape {tuple(x.shape)}")
+
     def extra_repr(self) -> str:
-        return f"backend={self.backend!r}, residual={self.residual}"
+        return f"runner={self.runner!r}, residual={self.residual}"

@@ -13,66 +13,55 @@ from __future__ import annotations
 import functools
 import math
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .layer import MLP, MoE
+from .config import Config, check_int, documented, option
+from .experts import expert_banks
+from .layer import MLP, MoE, MoEConfig
 from .routing import DeferredField, Routing
 
 
+@documented
 @dataclass(frozen=True)
-class GPTConfig:
+class GPTConfig(Config):
     """One typed config for dense, MoE, PR-MoE and MoS models.
 
     ``experts`` is the expert schedule over the MoE layers: 0 (a dense model), an int (that many
     experts in every MoE layer), "a/b" (the paper's Pyramid: the last two MoE layers get b, the
-    rest a) or a tuple with one count per MoE layer.
+    rest a) or a tuple with one count per MoE layer. ``moe`` holds every MoE-layer option (its
+    router's included); `GPTConfig.create` and `replace` take them by name as well:
+    ``GPTConfig.create(experts=8, k=2, residual=True)``.
 
     Loss coefficients: ``aux_loss_coef=0.01`` is what the paper's training scripts use
     (Megatron-DeepSpeed's own default, 0.1, is 10x that); ``z_loss_coef=0.0`` because the paper has
     no z-loss (ST-MoE recommends 1e-3 when it is wanted).
     """
 
-    vocab_size: int = 256
-    block_size: int = 128
-    n_layer: int = 4
-    n_head: int = 4
-    d_model: int = 128
-    d_ff: int | None = None  # None = 4 · d_model
-    experts: int | str | tuple[int, ...] = 0
-    moe_every: int = 2
-    residual: bool = False
-    k: int = 1
-    capacity_factor: float = 1.0
-    eval_capacity_factor: float = 1.0
-    min_capacity: int = 4
-    drop_tokens: bool = True
-    use_rts: bool = True
-    noisy_gate_policy: str | None = None
-    bias_update_rate: float = 0.0
-    aux_loss_coef: float = 0.01
-    z_loss_coef: float = 0.0
-    activation: str = "gelu"
-    dropout: float = 0.0
-    backend: str = "index"
-    ep_size: int = 1  # expert parallelism: each MoE layer uses min(ep_size, its expert count)
-    exchange: str = "flat"
-    node_size: int | None = None
-    name: str = field(default="custom", compare=False)
+    vocab_size: int = option(256, "tokens in the vocabulary", low=1)
+    block_size: int = option(128, "the longest sequence (learned positions)", low=1)
+    n_layer: int = option(4, "transformer blocks", low=1)
+    n_head: int = option(4, "attention heads (must divide d_model)", low=1)
+    d_model: int = option(128, "model width", low=1)
+    d_ff: int | None = option(None, "FFN hidden width; None = 4 · d_model", kind="int", low=1)
+    experts: int | str | tuple[int, ...] = option(
+        0, "experts per MoE layer: 0 (dense), an int, 'a/b' (Pyramid) or one count per MoE "
+           "layer", kind="any")
+    moe_every: int = option(2, "layer i (1-based) is MoE iff i % moe_every == 0", low=1)
+    moe: MoEConfig = option(MoEConfig(), "every MoE layer's options (see MoEConfig)",
+                            kind="config")
+    aux_loss_coef: float = option(0.01, "weight of Σ l_aux in the loss", low=0)
+    z_loss_coef: float = option(0.0, "weight of Σ z-loss in the loss", low=0)
+    dropout: float = option(0.0, "dropout probability", low=0, below=1)
+    name: str = option("custom", "a label (not compared)", kind="any", compare=False)
 
-    def __post_init__(self) -> None:
-        for key in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "moe_every"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{key} must be an integer >= 1; got {value!r}")
+    def validate(self) -> None:
         if self.d_model % self.n_head:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1); got {self.dropout!r}")
         _ = self.expert_schedule  # validates the schedule
 
     @property
@@ -121,21 +110,18 @@ class GPTConfig:
                     f"experts schedule has {len(schedule)} entries but the model has {n_moe} "
                     f"MoE layers (n_layer={self.n_layer}, moe_every={self.moe_every}); give one "
                     f"count per MoE layer, an int, or 'a/b'")
+        k = self.moe.router.k
         for count in schedule:
-            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-                raise ValueError(f"every expert count must be an integer >= 1; got {schedule}")
-            if count < self.k:
-                raise ValueError(f"k={self.k} is larger than a layer's expert count {count}")
+            check_int("every expert count", count)
+            if count < k:
+                raise ValueError(f"k={k} is larger than a layer's expert count {count}")
         return schedule
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _paper(name: str, n_layer: int, d_model: int, n_head: int, **moe) -> GPTConfig:
     """A paper-scale config: GPT-2 vocabulary, 2K context (Megatron-DeepSpeed scripts)."""
-    return GPTConfig(name=name, vocab_size=50257, block_size=2048, n_layer=n_layer,
-                     d_model=d_model, n_head=n_head, **moe)
+    return GPTConfig.create(name=name, vocab_size=50257, block_size=2048, n_layer=n_layer,
+                            d_model=d_model, n_head=n_head, **moe)
 
 
 PRESETS: dict[str, GPTConfig] = {
@@ -167,10 +153,11 @@ PRESETS: dict[str, GPTConfig] = {
 
 
 def preset(name: str, **overrides) -> GPTConfig:
-    """A named config, optionally with fields replaced: ``preset("tiny", experts="4/8")``."""
+    """A named config, optionally with options replaced (any GPTConfig, MoEConfig or
+    RouterConfig option by name): ``preset("tiny", experts="4/8", k=2)``."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return replace(PRESETS[name], **overrides)
+    return PRESETS[name].replace(**overrides)
 
 
 class KVCache:
@@ -332,18 +319,9 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.d_model)
         if num_experts:
-            self.ffn = MoE(
-                config.d_model, config.ffn_dim, num_experts, k=config.k,
-                capacity_factor=config.capacity_factor,
-                eval_capacity_factor=config.eval_capacity_factor,
-                min_capacity=config.min_capacity, drop_tokens=config.drop_tokens,
-                use_rts=config.use_rts, noisy_gate_policy=config.noisy_gate_policy,
-                bias_update_rate=config.bias_update_rate, activation=config.activation,
-                residual=config.residual, backend=config.backend,
-                ep_size=min(config.ep_size, num_experts), exchange=config.exchange,
-                node_size=config.node_size)
+            self.ffn = MoE(config.d_model, config.ffn_dim, num_experts, config.moe)
         else:
-            self.ffn = MLP(config.d_model, config.ffn_dim, activation=config.activation)
+            self.ffn = MLP(config.d_model, config.ffn_dim, activation=config.moe.activation)
         self.dropout = nn.Dropout(config.dropout)
 
     @property
@@ -500,9 +478,7 @@ class GPT(nn.Module):
 
     def expert_parameters(self) -> list[nn.Parameter]:
         """Parameters of the Experts banks: found by module type, not by name."""
-        from .experts import Experts
-
-        return [p for m in self.modules() if isinstance(m, Experts) for p in m.parameters()]
+        return [p for _, bank in expert_banks(self) for p in bank.parameters()]
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -38,10 +38,12 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
+from .config import check_int
+from .exchanges import check_exchange, hops
 from .model import PRESETS, GPTConfig, preset
-from .sizing import BYTES_PER_PARAM, ffn_params, size
+from .sizing import BYTES_PER_PARAM, ffn_params
 
 GB = 1e9
 
@@ -80,7 +82,6 @@ HARDWARE: dict[str, Hardware] = {
                      source="H200 SXM datasheet; DGX H200 (8x NDR 400 Gb/s)"),
 }
 
-EXCHANGES = ("flat", "hierarchical", "tp_coordinated")
 COMPONENTS = ("weight_reads", "kv_reads", "compute", "exchange", "allgather")
 COMPONENT_LABELS = {
     "weight_reads": "weight reads (HBM)", "kv_reads": "KV-cache reads",
@@ -131,11 +132,11 @@ def serving_config(model: str | GPTConfig, variant: str = "moe") -> GPTConfig:
         raise ValueError(f"variant {variant!r} starts from a standard MoE (one expert count in "
                          f"every MoE layer); {config.name} has schedule {schedule or 'dense'}")
     experts = schedule[0]
-    pr = replace(config, experts=f"{experts // 2}/{experts}", residual=True,
+    pr = config.replace(experts=f"{experts // 2}/{experts}", residual=True,
                  name=f"{config.name}_pr_moe")
     if variant == "pr_moe":
         return pr
-    return replace(pr, n_layer=config.n_layer - config.n_layer // 8,
+    return pr.replace(n_layer=config.n_layer - config.n_layer // 8,
                    name=f"{config.name}_pr_moe_mos")
 
 
@@ -144,7 +145,7 @@ def layer_params(config: GPTConfig) -> list[dict]:
     norms, dense FFN, gate, residual MLP: tensor-sliced) and, for MoE blocks, ``experts`` (count)
     and ``expert`` (one expert's FFN). Sums to `moelab.sizing.size` (tested)."""
     d = config.d_model
-    ffn = ffn_params(d, config.ffn_dim, config.activation)
+    ffn = ffn_params(d, config.ffn_dim, config.moe.activation)
     attention = 4 * d * d + 4 * d + 4 * d  # qkv, output projection, two LayerNorms
     experts_by_layer = dict(zip(config.moe_layers, config.expert_schedule, strict=True))
     blocks = []
@@ -154,9 +155,9 @@ def layer_params(config: GPTConfig) -> list[dict]:
             blocks.append({"shared": attention + ffn, "experts": 0, "expert": 0,
                            "residual": False})
             continue
-        residual = (ffn + 2 * d + 2) if config.residual else 0
+        residual = (ffn + 2 * d + 2) if config.moe.residual else 0
         blocks.append({"shared": attention + num_experts * d + residual,
-                       "experts": num_experts, "expert": ffn, "residual": config.residual})
+                       "experts": num_experts, "expert": ffn, "residual": config.moe.residual})
     return blocks
 
 
@@ -167,11 +168,6 @@ def embedding_params(config: GPTConfig) -> int:
 
 
 # --------------------------------------------------------------------------------- layout
-
-def _check_int(name: str, value, low: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
-
 
 @dataclass(frozen=True)
 class Layout:
@@ -190,11 +186,10 @@ class Layout:
     def build(cls, config: GPTConfig, gpus: int, hardware: Hardware, tp: int = 1,
               dp: int | None = None, ep: int | None = None, es: int | None = None,
               exchange: str = "flat") -> Layout:
-        _check_int("gpus", gpus)
-        _check_int("tp", tp)
+        check_int("gpus", gpus)
+        check_int("tp", tp)
         node = hardware.gpus_per_node
-        if exchange not in EXCHANGES:
-            raise ValueError(f"exchange must be one of {EXCHANGES}; got {exchange!r}")
+        check_exchange(exchange)
         if gpus % tp:
             raise ValueError(f"tp={tp} does not divide gpus={gpus}: the non-expert layers need "
                              f"gpus = tp · dp")
@@ -205,7 +200,7 @@ class Layout:
             raise ValueError(f"tp={tp} must divide n_head={config.n_head}")
         if dp is None:
             dp = gpus // tp
-        _check_int("dp", dp)
+        check_int("dp", dp)
         if tp * dp != gpus:
             raise ValueError(f"tp · dp = {tp} · {dp} = {tp * dp} but gpus={gpus}")
         schedule = config.expert_schedule
@@ -219,7 +214,7 @@ class Layout:
         most = max(schedule)
         if ep is None:
             ep = min(gpus, most) if es is None else gpus // es
-        _check_int("ep", ep)
+        check_int("ep", ep)
         if ep > most:
             raise ValueError(f"ep={ep} is more than the largest expert count {most}; use "
                              f"expert slicing (es) to spread the experts over more GPUs")
@@ -228,7 +223,7 @@ class Layout:
                              f"gpus = ep · es")
         if es is None:
             es = gpus // ep
-        _check_int("es", es)
+        check_int("es", es)
         if ep * es != gpus:
             raise ValueError(f"ep · es = {ep} · {es} = {ep * es} but gpus={gpus}")
         for count in set(schedule):
@@ -311,22 +306,6 @@ def _collective(messages_intra: float, messages_inter: float, volume: float, ban
             + volume / bandwidth)
 
 
-def exchange_messages(ranks: int, per_node: int, exchange: str,
-                      tp: int = 1) -> tuple[int, int, bool]:
-    """One all-to-all among ``ranks`` expert-parallel ranks, ``per_node`` of them in each node:
-    (messages each GPU sends inside its node, across nodes, whether it crosses nodes), §5.3.
-
-    flat: p - 1 messages; hierarchical: (G - 1) + (p/G - 1); parallelism-coordinated: only the
-    p/L ranks with my tensor-parallel rank take part, p/L - 1 messages.
-    """
-    if exchange == "tp_coordinated":
-        ranks, per_node = ranks // tp, max(1, per_node // tp)
-    crosses = ranks > per_node
-    if exchange == "hierarchical":  # inside the node, then among one rank per node
-        return per_node - 1, ranks // per_node - 1, crosses
-    return per_node - 1, ranks - per_node, crosses
-
-
 def predict(model: str | GPTConfig, gpus: int, hardware: str | Hardware = "A100-40GB", *,
             variant: str = "moe", tp: int = 1, dp: int | None = None, ep: int | None = None,
             es: int | None = None, exchange: str = "flat", batch: int = 8, context: int = 256,
@@ -337,8 +316,8 @@ def predict(model: str | GPTConfig, gpus: int, hardware: str | Hardware = "A100-
     if not isinstance(hw, Hardware):
         raise ValueError(f"hardware must be one of {list(HARDWARE)} or a Hardware; "
                          f"got {hardware!r}")
-    _check_int("batch", batch)
-    _check_int("context", context, 0)
+    check_int("batch", batch)
+    check_int("context", context, 0)
     if dtype not in BYTES_PER_PARAM:
         raise ValueError(f"dtype must be one of {list(BYTES_PER_PARAM)}; got {dtype!r}")
     layout = Layout.build(config, gpus, hw, tp=tp, dp=dp, ep=ep, es=es, exchange=exchange)
@@ -379,14 +358,15 @@ def predict(model: str | GPTConfig, gpus: int, hardware: str | Hardware = "A100-
         local = num_experts // ranks
         slice_params = block["expert"] / slicing
         weights_on_gpu += local * slice_params
-        routes = global_tokens * config.k  # routes of the whole step into this layer
+        routes = global_tokens * config.moe.router.k  # routes of the whole step into this layer
         touched = local * (1 - (1 - 1 / num_experts) ** routes)  # expected experts hit
         rows = routes * local / num_experts  # routes that reach my experts (balanced)
         roofline(touched * slice_params * nbytes, 0.0, 2 * slice_params * rows)
         # Two all-to-alls (dispatch and combine) among the `ranks` expert-parallel ranks.
         per_node = max(1, min(node, node * ranks // gpus))  # ranks spread over the nodes
-        intra, inter, crosses = exchange_messages(ranks, per_node, layout.exchange, L)
-        sent = tokens * config.k * d * nbytes  # bytes this GPU sends
+        intra, inter = hops(ranks, layout.exchange, per_node, L)  # messages, §5.3
+        crosses = inter > 0
+        sent = tokens * config.moe.router.k * d * nbytes  # bytes this GPU sends
         if layout.exchange == "tp_coordinated":
             sent /= L  # each TP rank sends only its 1/L of the replica's tokens
         if layout.exchange == "hierarchical":
@@ -434,15 +414,6 @@ def crossover_batch(model: str | GPTConfig, gpus: int, a: str = "flat",
     return None
 
 
-def model_summary(model: str | GPTConfig, variant: str = "moe") -> dict:
-    """Sizes from `moelab.sizing` for a serving model: total and active parameters (B)."""
-    config = serving_config(model, variant)
-    sizes = size(config)
-    return {"model": config.name, "total_B": sizes.total / 1e9, "active_B": sizes.active / 1e9,
-            "layers": config.n_layer, "d_model": config.d_model,
-            "experts": config.expert_schedule}
-
-
 # -------------------------------------------------------------------------- calibration
 
 def calibrate(matmul_size: int = 512, copy_mb: int = 64, repeats: int = 3) -> Hardware:
@@ -453,9 +424,9 @@ def calibrate(matmul_size: int = 512, copy_mb: int = 64, repeats: int = 3) -> Ha
 
     import torch
 
-    _check_int("matmul_size", matmul_size)
-    _check_int("copy_mb", copy_mb)
-    _check_int("repeats", repeats)
+    check_int("matmul_size", matmul_size)
+    check_int("copy_mb", copy_mb)
+    check_int("repeats", repeats)
     a = torch.randn(matmul_size, matmul_size)
     b = torch.randn(matmul_size, matmul_size)
     torch.mm(a, b)  # warm-up

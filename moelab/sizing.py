@@ -51,7 +51,7 @@ def ffn_params(d_model: int, d_ff: int, activation: str = "gelu", bias: bool = T
 def size(config: GPTConfig) -> Size:
     """Count every parameter of GPT(config) from the config alone."""
     d, f, L = config.d_model, config.ffn_dim, config.n_layer
-    ffn = ffn_params(d, f, config.activation)
+    ffn = ffn_params(d, f, config.moe.activation)
     attention = 4 * d * d + 4 * d  # qkv (3d² + 3d) and output projection (d² + d)
     norms = 4 * d  # two LayerNorms per block
     experts_by_layer = dict(zip(config.moe_layers, config.expert_schedule, strict=True))
@@ -65,9 +65,9 @@ def size(config: GPTConfig) -> Size:
             active += ffn
             continue
         gate = num_experts * d
-        residual = (ffn + 2 * d + 2) if config.residual else 0  # dense MLP + coefficient
+        residual = (ffn + 2 * d + 2) if config.moe.residual else 0  # dense MLP + coefficient
         total += num_experts * ffn + gate + residual
-        active += min(config.k, num_experts) * ffn + gate + residual
+        active += min(config.moe.router.k, num_experts) * ffn + gate + residual
         expert += num_experts * ffn
     embedding = config.vocab_size * d + config.block_size * d
     total += embedding + 2 * d  # + final LayerNorm

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .data import Corpus
-from .experts import Experts
+from .experts import expert_banks
 
 LossFn = Callable[[nn.Module, Tensor, Tensor, int], tuple[Tensor, object, dict]]
 
@@ -48,8 +48,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: expert vs shared parameters (expert parallelism reduces their gradients over
     different groups), each with and without weight decay. Experts are found by module type,
     never by a substring of a parameter's name."""
-    expert_ids = {id(p) for m in model.modules() if isinstance(m, Experts)
-                  for p in m.parameters()}
+    expert_ids = {id(p) for _, bank in expert_banks(model) for p in bank.parameters()}
     norm_ids = {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm)
                 for p in m.parameters()}
     groups = {(moe, decay): [] for moe in (False, True) for decay in (True, False)}
@@ -210,7 +209,7 @@ class Trainer:
         """Restore model, optimizer, step, history and every RNG: the run continues exactly as
         if it had never stopped."""
         state = torch.load(path, weights_only=False)
-        if state["model_config"] != self.model.config.to_dict():
+        if type(self.model.config).from_dict(state["model_config"]) != self.model.config:
             raise ValueError("checkpoint was saved from a different model config; build the "
                              "model from the checkpoint's 'model_config'")
         self.model.load_state_dict(state["model"])

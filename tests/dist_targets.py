@@ -1,4 +1,4 @@
-"""Launch targets for tests/test_dist.py (ranks import them by module name)."""
+"""Launch targets for tests/test_parallel.py (ranks import them by module name)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from moelab.dist.launch import report
+from moelab.parallel import report
 
 
 def hello(x):
@@ -27,7 +27,7 @@ def fail_on_rank_one():
 
 
 def hang_in_collective():
-    from moelab.dist.tracing import operation
+    from moelab.parallel.tracing import operation
 
     if dist.get_rank() == 0:
         with operation("all_reduce (test)"):
@@ -37,11 +37,13 @@ def hang_in_collective():
 
 def bad_ep_size():
     from moelab import MoE
+    from moelab.parallel import parallelize
 
-    return MoE(8, 16, 4, ep_size=3)
+    return parallelize(MoE(8, 16, 4), ep_size=3)
 
 
 def mismatched_layers():
     from moelab import MoE
+    from moelab.parallel import parallelize
 
-    return MoE(8, 16 + dist.get_rank(), 4, ep_size=2)
+    return parallelize(MoE(8, 16 + dist.get_rank(), 4), ep_size=2)

@@ -7,6 +7,12 @@ import math
 import torch
 
 
+def random_logits(seed: int, num_tokens: int, num_experts: int, scale: float = 2.0):
+    """Gate logits [S, E] ~ N(0, scale²), reproducible per seed."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(num_tokens, num_experts, generator=generator) * scale
+
+
 def reference_route(logits: torch.Tensor, *, k: int, capacity_factor: float, min_capacity: int,
                     drop_tokens: bool, drop_policy: str):
     """Deterministic token-choice routing (eval: no noise, no RTS, no sampling), one token and one

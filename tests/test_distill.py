@@ -26,7 +26,7 @@ def test_kd_loss_matches_formula_and_is_zero_for_equal_logits():
 def test_student_keeps_the_teachers_last_expert_counts():
     teacher = preset("paper_350m_pr_moe_32_64")
     student = student_config(teacher, 21)
-    assert student.n_layer == 21 and student.residual
+    assert student.n_layer == 21 and student.moe.residual
     assert student.expert_schedule == (32,) * 8 + (64,) * 2  # the paper's MoS script
     with pytest.raises(ValueError, match="at most the teacher's depth"):
         student_config(teacher, 25)

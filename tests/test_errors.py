@@ -11,7 +11,7 @@ LOGITS = torch.randn(8, 4)
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(k=0), r"k must be an integer in \[1, num_experts=4\]"),
+    (dict(k=0), r"k must be an integer >= 1"),
     (dict(k=5), r"k must be an integer in \[1, num_experts=4\]"),
     (dict(k=1.5), r"k must be an integer"),
     (dict(capacity_factor=0), r"capacity_factor must be a finite number > 0"),

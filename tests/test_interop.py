@@ -72,7 +72,7 @@ def test_mixtral_block_to_moelab(k, backend):
 def test_qwen2_moe_block_with_its_shared_expert_to_moelab(norm_topk_prob):
     block = qwen(norm_topk_prob)
     moe = from_hf(block)
-    assert moe.residual and moe.residual_gate == "sigmoid"
+    assert moe.residual and moe.config.residual_gate == "sigmoid"
     assert moe.mlp.fc_in.weight.shape == (40, D)  # [gate; up] of the 20-wide shared expert
     assert_same(moe, block)
 

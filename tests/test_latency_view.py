@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moelab.inference import COMPONENTS, LatencyBreakdown
+from moelab.profiling import COMPONENTS, LatencyBreakdown
 from moelab.serving import COMPONENTS as SERVING_COMPONENTS
 from moelab.serving import predict
 from moelab.viz.latency_view import (

@@ -12,7 +12,7 @@ from moelab.sizing import PAPER_SIZES_B, paper_table, size
 
 
 def test_moe_every_other_layer_and_pyramid_schedule():
-    config = GPTConfig(n_layer=8, experts="4/8", residual=True)
+    config = GPTConfig.create(n_layer=8, experts="4/8", residual=True)
     assert config.moe_layers == (1, 3, 5, 7)  # layers 2, 4, 6, 8 (1-based), as Megatron
     assert config.expert_schedule == (4, 4, 8, 8)
     model = GPT(config)
@@ -117,7 +117,7 @@ def test_bad_configs_say_what_to_change():
     with pytest.raises(ValueError, match="unknown preset"):
         preset("gpt5")
     with pytest.raises(ValueError, match="k=2 is larger"):
-        GPTConfig(experts=1, k=2)
+        GPTConfig.create(experts=1, k=2)
     model = GPT(preset("tiny"))
     with pytest.raises(ValueError, match="exceeds block_size=64"):
         model(torch.zeros(1, 65, dtype=torch.long))
@@ -125,7 +125,7 @@ def test_bad_configs_say_what_to_change():
 
 def test_init_zeroes_every_bias():
     """GPT-2 / Megatron init: biases start at 0 (a random expert bias tilts routing from step 0)."""
-    model = GPT(GPTConfig(vocab_size=32, block_size=8, n_layer=2, n_head=2, d_model=16,
+    model = GPT(GPTConfig.create(vocab_size=32, block_size=8, n_layer=2, n_head=2, d_model=16,
                           experts=4, residual=True))
     biases = {name: p for name, p in model.named_parameters()
               if name.endswith("bias") and "ln_" not in name or ".b_" in name}

@@ -8,9 +8,8 @@ import threading
 import numpy as np
 import pytest
 
-from moelab.dist.demo import message_table, messages_per_forward, paper_layouts
-from moelab.dist.groups import parallel_layout
-from moelab.dist.launch import launch
+from moelab.exchanges import messages_per_forward
+from moelab.parallel import launch, parallel_layout
 from moelab.viz.parallel_view import ParallelView, parallel_data, parallel_figure
 
 
@@ -84,17 +83,6 @@ def test_exchanges_side_by_side_with_their_formulas():
         parallel_data(records, layer=3)
 
 
-def test_formulas_match_the_paper():
-    assert messages_per_forward(128, "flat") == 2 * 127
-    assert messages_per_forward(128, "hierarchical", node_size=8) == 2 * (7 + 15)
-    assert messages_per_forward(128, "tp_coordinated", tp_size=8) == 2 * 15 + 7
-    rows = {(r["world"], r["exchange"]): r for r in paper_layouts()}
-    assert rows[(256, "flat")]["messages_per_exchange"] == 255
-    assert rows[(256, "hierarchical")]["messages_per_exchange"] == 7 + 31
-    assert rows[(128, "hierarchical")]["volume"] == pytest.approx(7 / 8 + 15 / 16)
-    assert message_table(4, 2, 2)[2]["messages_per_forward"] == 3
-
-
 def test_figure_state_follows_the_data():
     fig = parallel_figure(two_rank_records())
     np.testing.assert_array_equal(np.array(fig.data[1].z), [[3, 5], [2, 6]])
@@ -137,10 +125,10 @@ def test_live_view_throttles_and_accepts_reports_from_a_thread():
 def test_a_real_two_rank_run_feeds_the_view():
     view = ParallelView(min_redraw_seconds=0.2)
     steps, block_size, batch_size = 2, 16, 2
-    results = launch("moelab.dist.demo:train_with_reports", nprocs=2, timeout=90, quiet=True,
+    results = launch("moelab.examples.parallel_demo:train_with_reports", nprocs=2, timeout=90,
+                     quiet=True, on_metric=view.update,
                      kwargs=dict(steps=steps, block_size=block_size, batch_size=batch_size,
-                                 d_model=16, experts=4),
-                     on_metric=view.update)
+                                 d_model=16, experts=4))
     view.refresh()
     assert len(view.records) == 2 * steps
     data = view.data()

@@ -6,7 +6,7 @@
 - ``LoadBalanceView``: every MoE layer's expert load over training steps, live from a Trainer.
 - ``ShapeView``: a model's layers × experts drawn as the paper's PR-MoE figure.
 - ``ParallelView``: expert placement, the rank × rank token traffic, messages per rank and load
-  of an expert-parallel run, live from `moelab.dist.launch(..., on_metric=view.update)`.
+  of an expert-parallel run, live from `moelab.parallel.launch(..., on_metric=view.update)`.
 - ``LatencyView``: where decode time goes (per component, backend, batch size);
   ``ServingView``: the paper-scale serving cost model with sliders.
 """

@@ -2,7 +2,7 @@
 (ServingView).
 
 - `latency_table(breakdowns)` / `latency_figure(breakdowns)` / `LatencyView`: measured
-  `moelab.inference.LatencyBreakdown`s as stacked bars per (backend, batch size), one segment per
+  `moelab.profiling.LatencyBreakdown`s as stacked bars per (backend, batch size), one segment per
   component (attention, gate, dispatch, expert FFN, combine, ...), beside decode tokens/s against
   batch size; a dropdown shows one block or the whole model.
 - `serving_table(...)` / `serving_figure(...)` / `ServingView`: `moelab.serving.predict` over GPU
@@ -21,7 +21,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from ..inference import COMPONENT_LABELS, COMPONENTS, LatencyBreakdown
+from ..profiling import COMPONENT_LABELS, COMPONENTS, LatencyBreakdown
 from ..serving import COMPONENT_LABELS as SERVING_LABELS
 from ..serving import COMPONENTS as SERVING_COMPONENTS
 from ..serving import HARDWARE, TABLE6, VARIANTS, predict
@@ -114,14 +114,14 @@ def latency_figure(breakdowns: Sequence[LatencyBreakdown], layer: int | None = N
     """Stacked bars per (backend, batch size) and tokens/s against batch size."""
     if not breakdowns:
         raise ValueError("latency_figure needs at least one LatencyBreakdown "
-                         "(see moelab.inference.decode_sweep)")
+                         "(see moelab.profiling.decode_sweep)")
     fig = _latency_empty()
     _latency_draw(fig, breakdowns, layer)
     return fig
 
 
 class LatencyView:
-    """Measured breakdowns (`moelab.inference.decode_sweep`) with a block selector."""
+    """Measured breakdowns (`moelab.profiling.decode_sweep`) with a block selector."""
 
     def __init__(self, breakdowns: Sequence[LatencyBreakdown]) -> None:
         self.breakdowns = list(breakdowns)

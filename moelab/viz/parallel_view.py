@@ -5,18 +5,19 @@ traffic of the last exchange (tokens or bytes), messages each rank sent per forw
 exchange seen (flat, hierarchical, TP-coordinated) against the paper's formulas, and the load
 each rank's experts carried.
 
-- `parallel_data(records)`: the traffic records (see `moelab.dist.demo`) as numpy arrays,
-  testable without widgets;
+- `parallel_data(records)`: the traffic records (see `moelab.examples.parallel_demo`) as numpy
+  arrays, testable without widgets;
 - `parallel_figure(records)`: the static plotly figure;
 - `ParallelView`: that figure as a FigureWidget, fed live by the ranks:
-  ``launch("moelab.dist.demo:train_with_reports", 4, on_metric=view.update)``; it redraws in
-  one batch update at most a few times a second (``view.refresh()`` draws the last state).
+  ``launch("moelab.examples.parallel_demo:train_with_reports", 4, on_metric=view.update)``;
+  it redraws in one batch update at most a few times a second (``view.refresh()`` draws the
+  last state).
 
 A record is one rank's report for one forward of one MoE layer: ``rank, step, layer, exchange,
 world, ep_size, tp_size, node_size, num_experts, experts, ep_group, traffic (W rows sent to each
 rank), row_bytes, expert_load (E routes kept), messages, bytes_sent, loss``. Only ``step``,
 ``world``, ``num_experts`` and ``traffic`` are required; the rest have defaults (flat exchange,
-ep_size = world, the experts-first layout of `moelab.dist.groups.parallel_layout`).
+ep_size = world, the experts-first layout of `moelab.parallel.parallel_layout`).
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from moelab.dist.demo import EXCHANGE_NAMES, messages_per_forward
-from moelab.dist.groups import parallel_layout
+from ..exchanges import EXCHANGES, messages_per_forward
+from ..parallel.groups import parallel_layout
 
 MIN_REDRAW_SECONDS = 0.3  # at most ~3 redraws a second, however fast the ranks report
 EXCHANGE_COLORS = {"flat": "#1f77b4", "hierarchical": "#ff7f0e", "tp_coordinated": "#2ca02c"}
@@ -139,7 +140,7 @@ def parallel_data(records: list[dict], layer: int | None = None,
         rank_tokens[rank] = loads[np.ix_(record["ep_group"], record["experts"])].sum()
 
     messages, bytes_sent, formula, settings = {}, {}, {}, {}
-    for name in EXCHANGE_NAMES:
+    for name in EXCHANGES:
         mine = [r for r in same_run if r["exchange"] == name]
         if not mine:
             continue
@@ -207,13 +208,13 @@ def _empty_figure() -> go.Figure:
         colorbar=dict(title=dict(text="rows", side="top"), x=1.0, y=0.8, len=0.4,
                       thickness=10),
         hovertemplate="rank %{y} → rank %{x}<br>%{text}<extra></extra>"), row=1, col=2)
-    for name in EXCHANGE_NAMES:  # 2-4: measured messages
+    for name in EXCHANGES:  # 2-4: measured messages
         fig.add_trace(go.Bar(x=[], y=[], name=f"{EXCHANGE_TITLES[name]}: measured",
                              marker_color=EXCHANGE_COLORS[name], legendgroup=name,
                              offsetgroup=name, visible=False,
                              hovertemplate="rank %{x}: %{y} messages<extra></extra>"),
                       row=2, col=1)
-    for name in EXCHANGE_NAMES:  # 5-7: formulas
+    for name in EXCHANGES:  # 5-7: formulas
         fig.add_trace(go.Scatter(x=[], y=[], mode="lines", legendgroup=name, visible=False,
                                  name=f"formula {FORMULA_TEXT[name]}",
                                  line=dict(color=EXCHANGE_COLORS[name], dash="dash")),
@@ -284,7 +285,7 @@ def _draw(fig: go.Figure, data: dict, units: str = "rows") -> None:
                                       f"({moved} rows cross ranks)")
     fig.layout.annotations[0].text = ("which rank holds which expert "
                                       "(colour: routes it got)")
-    for i, name in enumerate(EXCHANGE_NAMES):
+    for i, name in enumerate(EXCHANGES):
         present = name in data["messages"]
         fig.data[2 + i].update(x=ranks if present else [],
                                y=_json_safe(data["messages"][name]) if present else [],
@@ -315,7 +316,7 @@ class ParallelView:
     """Expert placement, traffic, messages and load of an expert-parallel run, live.
 
     ``view = ParallelView(); display(view)`` then
-    ``launch("moelab.dist.demo:train_with_reports", 4, on_metric=view.update)`` and
+    ``launch("moelab.examples.parallel_demo:train_with_reports", 4, on_metric=view.update)`` and
     ``view.refresh()`` once it returns (the throttle may have skipped the last records).
     ``view.extend(results)`` adds records a launch returned (one list per rank).
     """

@@ -8,15 +8,16 @@ Three layers, each usable alone:
   router probabilities with the kept (●, ◆ for second choices) and dropped (✕) routes on top, and
   per-expert load bars (kept, dropped stacked above) against the capacity line;
 - `RoutingView`: that figure as a ``go.FigureWidget`` plus ipywidgets controls that call
-  `moelab.route` again on the *same* tokens (fixed logits, or a Router and its input x).
+  `moelab.route` again on the *same* tokens (fixed logits, or a Router and its input x); the
+  controls are made from `moelab.RouterConfig`'s fields.
 
 The view only reads Routing fields; it never changes the router or the logits it was given.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import html
-import inspect
 from collections.abc import Sequence
 
 import ipywidgets as widgets
@@ -27,7 +28,8 @@ from plotly.subplots import make_subplots
 from torch import Tensor
 from traitlets import TraitError
 
-from ..routing import Router, Routing, gate_logits, route
+from ..router import Router, RouterConfig, gate_logits, route
+from ..routing import Routing
 
 MAX_TOKENS = 64  # heatmap rows; more tokens than this are routed and counted, but not drawn
 FIGURE_WIDTH = 1000  # px; FigureWidget does not follow its output area's width on its own
@@ -41,15 +43,6 @@ DROPPED_COLOR = "#d62728"
 CAPACITY_COLOR = "#222222"
 CHOICE_SYMBOLS = ("circle", "diamond", "square", "triangle-up", "pentagon", "hexagon", "star")
 
-# The options RoutingView.set_options accepts: every keyword argument of `moelab.route` (read
-# from its signature, so a new routing option works here at once) except the ones the view owns
-# (the generator, seeded by "seed", and the router's selection bias), plus "seed".
-_ROUTE_PARAMETERS = inspect.signature(route).parameters
-ROUTE_OPTIONS = tuple(name for name, parameter in _ROUTE_PARAMETERS.items()
-                      if parameter.kind is inspect.Parameter.KEYWORD_ONLY
-                      and name not in ("generator", "selection_bias"))
-ROUTE_DEFAULTS = {name: _ROUTE_PARAMETERS[name].default for name in ROUTE_OPTIONS}
-VIEW_OPTIONS = (*ROUTE_OPTIONS, "seed")
 
 
 # ------------------------------------------------------------------------------------- data
@@ -270,7 +263,7 @@ def _update_figure(fig: go.Figure, table: dict) -> None:
 
 # ------------------------------------------------------------------------------------ view
 
-def _summary_html(table: dict, options: dict) -> str:
+def _summary_html(table: dict, config: RouterConfig) -> str:
     cap = table["capacity"]
     if table["expert_choice"]:
         cap_text = f"{cap} tokens per expert (expert choice)"
@@ -278,8 +271,8 @@ def _summary_html(table: dict, options: dict) -> str:
         cap_text = "none: dropless, every route kept"
     else:
         cap_text = (f"{cap} = max(⌈S/E·cf·k⌉, min) = max(⌈{table['num_tokens']}/"
-                    f"{table['num_experts']}·{options['capacity_factor']:g}·{table['k']}⌉, "
-                    f"{options['min_capacity']})")
+                    f"{table['num_experts']}·{config.capacity_factor:g}·{table['k']}⌉, "
+                    f"{config.min_capacity})")
     asked = int(table["counts"].sum())
     if table["expert_choice"]:
         drop_text = (f"{table['unpicked']} of {table['num_tokens']} tokens picked by no "
@@ -292,7 +285,8 @@ def _summary_html(table: dict, options: dict) -> str:
                              f"k = {table['k']}"),
         ("capacity C", cap_text),
         ("dropped", drop_text),
-        ("aux loss l_aux", f"{table['aux_loss']:.4f} (1 = balanced)"),
+        ("aux loss l_aux", f"{table['aux_loss']:.4f} (1 when balanced, and also whenever the "
+                           f"probabilities are uniform)"),
         ("router z-loss", f"{table['z_loss']:.4f}"),
     ]
     body = "".join(f"<tr><td style='padding-right:10px;color:#555;white-space:nowrap;"
@@ -308,26 +302,48 @@ def _error_html(message: str) -> str:
             f"routing):<br>{html.escape(message)}</div>")
 
 
+#: RouterConfig fields the view has no control for: it routes with one capacity factor in both
+#: modes, and it shows a router's selection bias as it was (it cannot run the bias updates).
+NOT_CONTROLS = ("eval_capacity_factor", "bias_update_rate")
+#: Slider ranges (min, max, step) for numeric options; any other numeric option gets a text box.
+SLIDERS = {"k": (1, None, 1), "capacity_factor": (0.25, 4.0, 0.25), "min_capacity": (0, 16, 1)}
+#: Friendlier names for some choices; any other choice shows its value.
+CHOICE_LABELS = {
+    "choice": {"token": "tokens pick top-k experts", "expert": "experts pick tokens"},
+    "drop_policy": {"position": "by position (earlier first)",
+                    "probs": "by probability (surer first)"},
+    "noisy_gate_policy": {"RSample": "RSample (k=1 only)"},
+    "renormalize": {None: "DeepSpeed's (k > 1)", True: "always", False: "never"},
+}
+VIEW_OPTIONS = ("training", "seed")  # the view's own, beside RouterConfig's
+
+
+def _controlled_fields() -> list:
+    return [f for f in dataclasses.fields(RouterConfig) if f.name not in NOT_CONTROLS]
+
+
 class RoutingView:
     """A live view of one Routing of fixed tokens, with controls that re-route them.
 
     Build it with `RoutingView.from_logits(logits)` (gate logits [S, E]) or
     `RoutingView.from_router(router, x)` (a Router, or an MoE layer, and its input [S, d]; only
-    this form can show Jitter, which perturbs the router *input*). Each change of a control
-    calls `set_options`, which runs `moelab.route` with the new options and redraws the figure in
-    one ``batch_update``. Options `route` rejects (RSample with k > 1, say) leave the last valid
-    routing drawn and show route's message in the panel.
+    this form can show Jitter, which perturbs the router *input*). The controls are made from
+    `moelab.RouterConfig`'s fields (a new routing option gets a control), plus ``training`` and
+    ``seed``. Each change of a control calls `set_options`, which routes the same tokens again
+    and redraws the figure in one ``batch_update``. Options that cannot route (RSample with
+    k > 1, say) leave the last valid routing drawn and show the error in the panel.
 
     Attributes: ``widget`` (the ipywidgets box to display), ``figure`` (the go.FigureWidget),
-    ``routing`` (the Routing drawn), ``table`` (its `routing_table`), ``options`` (the current
-    route options and seed), ``error`` (the message of the last rejected options, or None),
-    ``controls`` (option name -> its widget; "dropless" stands for ``drop_tokens=False``),
-    ``summary`` and ``message`` (the HTML widgets with the numbers and with route's error).
+    ``routing`` (the Routing drawn), ``table`` (its `routing_table`), ``config`` (the
+    RouterConfig it was routed with), ``training`` and ``seed``, ``error`` (the message of the
+    last rejected options, or None), ``controls`` (option name -> its widget), ``summary`` and
+    ``message`` (the HTML widgets with the numbers and with the error).
     """
 
     def __init__(self, logits: Tensor, tokens: str | Sequence | None = None, *,
                  router: Router | None = None, x: Tensor | None = None,
-                 max_tokens: int = MAX_TOKENS, **options) -> None:
+                 max_tokens: int = MAX_TOKENS, config: RouterConfig | None = None,
+                 **options) -> None:
         if not isinstance(logits, Tensor) or logits.dim() != 2:
             raise ValueError("logits must be a 2-D tensor [tokens, experts]")
         # Snapshots on the CPU: the view re-routes these exact tokens whatever happens to the
@@ -336,15 +352,19 @@ class RoutingView:
         self._x = None if x is None else x.detach().float().cpu()
         self._gate_weight = None if router is None else router.weight.detach().float().cpu()
         self._selection_bias = None
-        if router is not None and router.bias_update_rate > 0:
+        if router is not None and router.config.bias_update_rate > 0:
             self._selection_bias = router.selection_bias.detach().float().cpu().clone()
         num_tokens, self.num_experts = self._logits.shape
         self.tokens = tokens
         token_labels(tokens, num_tokens)  # validate the length now
         self.max_tokens = max_tokens
-        self.options = dict(ROUTE_DEFAULTS, seed=0)  # route's own defaults: the paper's
+        # The requested value of every control (valid together or not), by option name.
+        base = config or RouterConfig()
+        self._requested = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
+        self._requested.update(training=True, seed=0)
         self._check_names(options)
-        self.options.update(options)
+        self._requested.update(options)
+        self.config: RouterConfig | None = None
         self.routing: Routing | None = None
         self.table: dict | None = None
         self.error: str | None = None
@@ -358,7 +378,7 @@ class RoutingView:
             [widgets.HBox([self._control_box,
                            widgets.VBox([self.summary, self.message],
                                         layout=widgets.Layout(margin="0 0 0 24px"))],
-                          layout=widgets.Layout(align_items="flex-start")),
+                          layout=widgets.Layout(align_items="flex-start", flex_flow="row wrap")),
              self.figure])
 
     # ---- constructors
@@ -366,69 +386,76 @@ class RoutingView:
     @classmethod
     def from_logits(cls, logits: Tensor, tokens: str | Sequence | None = None,
                     **options) -> RoutingView:
-        """A view of gate logits [S, E]; ``options`` are `moelab.route` arguments (and seed)."""
+        """A view of gate logits [S, E]; ``options`` are RouterConfig options by name (or
+        ``config=``), ``training`` and ``seed``."""
         return cls(logits, tokens, **options)
 
     @classmethod
     def from_router(cls, router, x: Tensor, tokens: str | Sequence | None = None,
                     **options) -> RoutingView:
         """A view of a Router (or anything with a ``.router``, such as an MoE layer) on input x
-        [..., d]. The controls start at the router's own options and mode; ``options``
-        override them. The router is only read, never changed."""
+        [..., d]. The controls start at the router's own config and mode (its capacity factor
+        for that mode); ``options`` override them. The router is only read, never changed."""
         router = getattr(router, "router", router)
         if not isinstance(router, Router):
             raise TypeError(f"from_router needs a moelab Router or MoE; got {type(router)}")
         x = x.detach().reshape(-1, router.d_model).float().cpu()
-        defaults = dict({name: value for name, value in router.options.items()
-                         if name in ROUTE_OPTIONS}, training=router.training,
-                        capacity_factor=(router.capacity_factor if router.training
-                                         else router.eval_capacity_factor))
-        if defaults["noisy_gate_policy"] == "None":
-            defaults["noisy_gate_policy"] = None
+        config = router.config.replace(
+            capacity_factor=router.config.capacity_factor_for(router.training),
+            eval_capacity_factor=None)
         with torch.no_grad():
             logits = gate_logits(x, router.weight.detach().cpu())  # clean logits [S, E]
-        return cls(logits, tokens, router=router, x=x, **{**defaults, **options})
+        return cls(logits, tokens, router=router, x=x, config=config,
+                   **{"training": router.training, **options})
 
     # ---- routing
 
+    @property
+    def training(self) -> bool:
+        return self._requested["training"]
+
+    @property
+    def seed(self) -> int:
+        return self._requested["seed"]
+
     @staticmethod
     def _check_names(options: dict) -> None:
-        unknown = sorted(set(options) - set(VIEW_OPTIONS))
+        valid = [f.name for f in _controlled_fields()] + list(VIEW_OPTIONS)
+        unknown = sorted(set(options) - set(valid))
         if unknown:
-            raise TypeError(f"unknown RoutingView option(s) {unknown}; "
-                            f"valid: {list(VIEW_OPTIONS)}")
+            raise TypeError(f"unknown RoutingView option(s) {unknown}; valid: {valid}")
 
-    def _route(self) -> Routing:
-        options = dict(self.options)
-        generator = torch.Generator().manual_seed(int(options.pop("seed")))
+    def _route(self) -> tuple[RouterConfig, Routing]:
+        requested = dict(self._requested)
+        training, seed = requested.pop("training"), requested.pop("seed")
+        config = RouterConfig(**requested)
+        generator = torch.Generator().manual_seed(int(seed))
         logits = self._logits
-        if options["noisy_gate_policy"] == "Jitter":
+        if config.noisy_gate_policy == "Jitter":
             if self._x is None:
                 raise ValueError("Jitter multiplies the router input x by U(1-ε, 1+ε), and "
                                  "this view was built from logits only; build it with "
                                  "RoutingView.from_router(router, x) to see Jitter.")
-            options["noisy_gate_policy"] = None  # applied here, to the input, as Router does
-            if options["training"]:
-                logits = self._jittered_logits(generator)
-        return route(logits, generator=generator, selection_bias=self._selection_bias, **options)
-
-    def _jittered_logits(self, generator: torch.Generator) -> Tensor:
-        # The router's Jitter, with the view's own generator so the seed control resamples it.
-        with torch.no_grad():
-            return gate_logits(self._x, self._gate_weight, jitter=True, generator=generator)
+            if training:  # applied here, to the input, as Router does
+                with torch.no_grad():
+                    logits = gate_logits(self._x, self._gate_weight, jitter=True,
+                                         generator=generator)
+        routing = route(logits, config, training=training, generator=generator,
+                        selection_bias=self._selection_bias)
+        return config, routing
 
     def set_options(self, **options) -> Routing | None:
-        """Re-route the same tokens with new `moelab.route` options (and/or ``seed``); update
-        the controls and redraw. Returns the new Routing, or None when route rejected the
-        options (its message is then in ``error`` and in the panel)."""
+        """Re-route the same tokens with new RouterConfig options (and/or ``training``,
+        ``seed``); update the controls and redraw. Returns the new Routing, or None when the
+        options cannot route (the message is then in ``error`` and in the panel)."""
         self._check_names(options)
-        self.options.update(options)
+        self._requested.update(options)
         self._sync_controls()
         return self.refresh()
 
     def refresh(self) -> Routing | None:
         try:
-            routing = self._route()
+            config, routing = self._route()
         except ValueError as err:
             self.error = str(err)
             self.message.value = _error_html(self.error)
@@ -437,9 +464,9 @@ class RoutingView:
         self.error = None
         self.message.value = ""
         self.message.layout.display = "none"
-        self.routing = routing
+        self.config, self.routing = config, routing
         self.table = routing_table(routing, self.tokens, self.max_tokens)
-        self.summary.value = _summary_html(self.table, self.options)
+        self.summary.value = _summary_html(self.table, config)
         if hasattr(self, "figure"):
             with self.figure.batch_update():
                 _update_figure(self.figure, self.table)
@@ -447,100 +474,95 @@ class RoutingView:
 
     # ---- controls
 
-    def _build_controls(self) -> None:
+    def _control_for(self, f) -> widgets.Widget:
+        """A widget for one RouterConfig field, from its declaration."""
+        meta = f.metadata
+        label = meta.get("label") or f.name.replace("_", " ")
         style = {"description_width": "118px"}
         wide = widgets.Layout(width="330px")
-        self.controls = {
-            "k": widgets.IntSlider(min=1, max=self.num_experts, description="k (experts/token)",
-                                   style=style, layout=wide, continuous_update=False),
-            "capacity_factor": widgets.FloatSlider(
-                min=0.25, max=max(4.0, float(self.options["capacity_factor"])), step=0.25,
-                description="capacity factor", style=style, layout=wide,
-                continuous_update=False, readout_format=".2f"),
-            "min_capacity": widgets.IntSlider(
-                min=0, max=max(16, int(self.options["min_capacity"])),
-                description="min capacity", style=style, layout=wide, continuous_update=False),
-            "choice": widgets.Dropdown(
-                options=[("tokens pick top-k experts", "token"),
-                         ("experts pick tokens", "expert")],
-                description="who chooses", style=style, layout=wide),
-            "noisy_gate_policy": widgets.Dropdown(
-                options=[("None", "None"),
-                         ("Jitter" if self._x is not None else "Jitter (needs a Router)",
-                          "Jitter"),
-                         ("RSample (k=1 only)", "RSample")],
-                description="noise", style=style, layout=wide),
-            "drop_policy": widgets.Dropdown(
-                options=[("by position (earlier first)", "position"),
-                         ("by probability (surer first)", "probs")],
-                description="drop policy", style=style, layout=wide),
-            "use_rts": widgets.Checkbox(description="RTS: random token selection (top-1)",
-                                        indent=False),
-            "dropless": widgets.Checkbox(description="dropless (no capacity)", indent=False),
-            "training": widgets.Checkbox(description="training (noise, RTS, sampling on)",
-                                         indent=False),
-            "seed": widgets.IntText(description="seed", style={"description_width": "40px"},
-                                    layout=widgets.Layout(width="130px")),
-        }
+        tooltip = meta.get("doc", "")
+        if meta["kind"] == "bool" and not meta.get("optional"):
+            return widgets.Checkbox(description=label, indent=False, tooltip=tooltip)
+        if meta["kind"] in ("choice", "bool"):
+            choices = meta["choices"] if meta["kind"] == "choice" else (None, True, False)
+            names = CHOICE_LABELS.get(f.name, {})
+            if f.name == "noisy_gate_policy" and self._x is None:
+                names = {**names, "Jitter": "Jitter (needs a Router)"}
+            # a Dropdown's value None means "nothing selected": None travels as "None"
+            return widgets.Dropdown(options=[(names.get(c, str(c)), "None" if c is None else c)
+                                             for c in choices],
+                                    description=label, style=style, layout=wide)
+        current = self._requested[f.name]
+        if f.name in SLIDERS:
+            low, high, step = SLIDERS[f.name]
+            high = self.num_experts if f.name == "k" else max(high, current)
+            kind = widgets.IntSlider if meta["kind"] == "int" else widgets.FloatSlider
+            extra = {} if meta["kind"] == "int" else {"readout_format": ".2f"}
+            return kind(min=low, max=high, step=step, description=label, style=style,
+                        layout=wide, continuous_update=False, **extra)
+        kind = widgets.IntText if meta["kind"] == "int" else widgets.FloatText
+        return kind(description=label, style=style, layout=wide)
+
+    def _build_controls(self) -> None:
+        self.controls = {f.name: self._control_for(f) for f in _controlled_fields()}
+        self.controls["training"] = widgets.Checkbox(
+            description="training (noise, RTS, sampling on)", indent=False)
+        self.controls["seed"] = widgets.IntText(description="seed",
+                                                style={"description_width": "40px"},
+                                                layout=widgets.Layout(width="130px"))
         self._resample = widgets.Button(description="resample", icon="refresh",
                                         tooltip="new seed: new noise, RTS and sampling draws",
                                         layout=widgets.Layout(width="110px"))
-        self._resample.on_click(lambda _: self.set_options(seed=int(self.options["seed"]) + 1))
+        self._resample.on_click(lambda _: self.set_options(seed=self.seed + 1))
         for name, widget in self.controls.items():
             widget.observe(lambda change, name=name: self._on_control(name, change["new"]),
                            names="value")
-        w = self.controls
+        boxes = [w for n, w in self.controls.items() if isinstance(w, widgets.Checkbox)]
+        others = [w for n, w in self.controls.items()
+                  if not isinstance(w, widgets.Checkbox) and n != "seed"]
         self._control_box = widgets.HBox([
-            widgets.VBox([w["k"], w["capacity_factor"], w["min_capacity"], w["choice"],
-                          w["drop_policy"], w["noisy_gate_policy"]]),
-            widgets.VBox([w["dropless"], w["use_rts"], w["training"],
-                          widgets.HBox([w["seed"], self._resample])],
+            widgets.VBox(others),
+            widgets.VBox([*boxes, widgets.HBox([self.controls["seed"], self._resample])],
                          layout=widgets.Layout(width="290px", margin="0 0 0 16px")),
-        ])
+        ], layout=widgets.Layout(flex_flow="row wrap"))
         self.summary = widgets.HTML(layout=widgets.Layout(width="380px"))
         self.message = widgets.HTML(layout=widgets.Layout(display="none", width="380px"))
         self._sync_controls()
 
     def _on_control(self, name: str, value) -> None:
-        if self._syncing:
-            return
-        if name == "dropless":
-            self.set_options(drop_tokens=not value)
-        elif name == "noisy_gate_policy":
-            self.set_options(noisy_gate_policy=None if value == "None" else value)
-        else:
-            self.set_options(**{name: value})
+        if not self._syncing:
+            self.set_options(**{name: None if value == "None" else value})
 
     def _sync_controls(self) -> None:
-        """Show the current options on the controls (without re-routing per control) and grey
-        out the controls that cannot change the routing under the other options."""
-        opts, w = self.options, self.controls
-        values = dict(opts, dropless=not opts["drop_tokens"])
-        if values["noisy_gate_policy"] is None:
-            values["noisy_gate_policy"] = "None"  # a Dropdown's None means "nothing selected"
+        """Show the requested options on the controls (without re-routing per control) and
+        grey out the controls that cannot change the routing under the other options."""
+        values, w = self._requested, self.controls
         self._syncing = True
         try:
             for name, widget in w.items():
-                value = values[name]
+                value = "None" if values[name] is None else values[name]
                 if isinstance(widget, widgets.Dropdown) and \
                         value not in [v for _, v in widget.options]:
-                    continue  # an invalid value: route reports it; the control keeps its own
+                    continue  # an invalid value: routing reports it; the control keeps its own
                 try:
                     widget.value = value
-                except TraitError:  # a value the control cannot hold: route judges it
+                except TraitError:  # a value the control cannot hold: routing judges it
                     pass
         finally:
             self._syncing = False
-        token_choice = opts["choice"] == "token"
-        drops = opts["drop_tokens"] or not token_choice
-        rts_active = opts["training"] and opts["k"] == 1 and opts["drop_tokens"] and token_choice
+        token_choice = values["choice"] == "token"
+        drops = values["drop_tokens"] or not token_choice
+        rts_active = (values["training"] and values["k"] == 1 and values["drop_tokens"]
+                      and token_choice)
         w["use_rts"].disabled = not rts_active
-        w["noisy_gate_policy"].disabled = not opts["training"]
-        w["drop_policy"].disabled = not (opts["drop_tokens"] and token_choice) or \
-            (rts_active and opts["use_rts"])
+        w["noisy_gate_policy"].disabled = not values["training"]
+        w["second_expert_sampling"].disabled = not (values["training"] and values["k"] == 2
+                                                    and token_choice)
+        w["drop_policy"].disabled = not (values["drop_tokens"] and token_choice) or \
+            (rts_active and values["use_rts"])
         w["capacity_factor"].disabled = not drops
         w["min_capacity"].disabled = not drops
-        w["dropless"].disabled = not token_choice
+        w["drop_tokens"].disabled = not token_choice
 
     # ---- display
 

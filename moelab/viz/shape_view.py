@@ -38,12 +38,12 @@ def block_ticks(num_blocks: int, max_ticks: int = 8) -> list[int]:
 def model_shape(config: GPTConfig) -> dict:
     """Per block: its kind, its expert count (0 = dense) and its FFN parameters; totals."""
     experts_by_layer = dict(zip(config.moe_layers, config.expert_schedule, strict=True))
-    ffn = ffn_params(config.d_model, config.ffn_dim, config.activation)
+    ffn = ffn_params(config.d_model, config.ffn_dim, config.moe.activation)
     blocks = []
     for layer in range(config.n_layer):
         num_experts = experts_by_layer.get(layer, 0)
-        kind = "dense" if not num_experts else ("residual-moe" if config.residual else "moe")
-        params = ffn if not num_experts else num_experts * ffn + (ffn if config.residual else 0)
+        kind = "dense" if not num_experts else ("residual-moe" if config.moe.residual else "moe")
+        params = ffn if not num_experts else num_experts * ffn + (ffn if config.moe.residual else 0)
         blocks.append({"block": layer + 1, "kind": kind, "experts": num_experts,
                        "ffn_params": params})
     sizes = size(config)

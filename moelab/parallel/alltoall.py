@@ -6,11 +6,11 @@ message size by construction: ranks with different token counts, capacities or l
 deadlock the exchange (DeepSpeed sizes its all-to-all from local shapes, and a mismatch hangs,
 DeepSpeed #6809).
 
-- `flat_exchange`: one ``all_to_all_single`` over the group: p - 1 messages per rank.
-- `hierarchical_exchange` (§5.3, Fig. 8): a layout transform, an exchange inside each node, a
-  second transform, an exchange across nodes: (G - 1) + (p/G - 1) messages per rank instead of
-  p - 1 (G = ranks per node), at twice the volume. Nodes are simulated by rank groups of size
-  ``node_size`` so it runs on one machine.
+- flat: one ``all_to_all_single`` over the group: p - 1 messages per rank.
+- hierarchical (§5.3, Fig. 8): a layout transform, an exchange inside each node, a second
+  transform, an exchange across nodes: (G - 1) + (p/G - 1) messages per rank instead of p - 1
+  (G = ranks per node), at twice the volume. Nodes are simulated by rank groups of size
+  ``node_size`` so it runs on one machine. (The formulas: `moelab.exchanges`.)
 
 The backward of an exchange is the same exchange with the count matrix transposed: it moves the
 gradient rows back to where the data came from.
@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .groups import new_group
 from .tracing import operation
 
 
@@ -133,7 +134,7 @@ class Exchanger:
         return torch.stack(parts)
 
 
-def hierarchical_subgroups(group_ranks: list[int], node_size: int):
+def hierarchical_subgroups(group_ranks: list[int], node_size: int, timeout: float | None = None):
     """The intra-node and inter-node groups of one EP group (every rank must call this for every
     EP group in the same order). Returns {global rank: (intra, inter)} for the ranks here."""
     p = len(group_ranks)
@@ -142,24 +143,13 @@ def hierarchical_subgroups(group_ranks: list[int], node_size: int):
     intra = {}
     for start in range(0, p, node_size):
         ranks = group_ranks[start:start + node_size]
-        handle = dist.new_group(ranks)
+        handle = new_group(ranks, timeout)
         for r in ranks:
             intra[r] = handle
     inter = {}
     for local in range(node_size):
         ranks = group_ranks[local::node_size]
-        handle = dist.new_group(ranks)
+        handle = new_group(ranks, timeout)
         for r in ranks:
             inter[r] = handle
     return {r: (intra[r], inter[r]) for r in group_ranks}
-
-
-def message_counts(p: int, node_size: int | None = None, tp_size: int = 1) -> dict:
-    """Messages each rank sends per exchange, by formula (§5.3): flat p - 1; hierarchical
-    (G - 1) + (p/G - 1) at 2x volume; parallelism-coordinated (p/L - 1) + an all-gather over L."""
-    out = {"flat": p - 1}
-    if node_size:
-        out["hierarchical"] = (node_size - 1) + (p // node_size - 1)
-    if tp_size > 1:
-        out["tp_coordinated"] = (p // tp_size - 1) + (tp_size - 1)
-    return out

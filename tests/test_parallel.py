@@ -1,6 +1,6 @@
 """Expert parallelism on gloo: equivalence with one process, training, resharding, launch.
 
-Every multi-process run goes through moelab.dist.launch (torch elastic), with a timeout."""
+Every multi-process run goes through moelab.parallel.launch (torch elastic), with a timeout."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from moelab.dist.alltoall import message_counts
-from moelab.dist.groups import parallel_layout
-from moelab.dist.launch import RankError, launch, torchrun_command
+from moelab.exchanges import messages_per_exchange
+from moelab.parallel import RankError, launch, parallel_layout, torchrun_command
 
 TESTS = str(Path(__file__).parent)
 ENV = {"PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")])}
 TOL = 1e-6
+CHECKS = "moelab.examples.parallel_checks:"
 
 
 def run(target, nprocs, *args, timeout=120):
@@ -42,21 +42,22 @@ def check_results(results):
 
 
 def test_ep4_equals_single_process_flat_and_hierarchical():
-    results = run("moelab.dist.checks:ep_equivalence", 4, EP_CASES, 4)
+    results = run(CHECKS + "ep_equivalence", 4, EP_CASES, 4)
     check_results(results)
     # ranks saw different token counts, and the last expert received nothing anywhere
     assert len({r[0]["tokens"] for r in results}) == 4
     assert all(case["load"][-1] == 0 for r in results for case in r)
     # messages per rank per forward: flat 2 × (p - 1) = 6, hierarchical 2 × ((G-1) + (p/G-1)) = 4
     by_case = {str(c["case"]): c["messages"] for c in results[0]}
-    assert by_case[str({**EP_CASES[0], "tp_size": 1})] == 6
-    assert by_case[str({**EP_CASES[6], "tp_size": 1})] == 4
+    assert by_case[str(EP_CASES[0])] == 6
+    assert by_case[str(EP_CASES[6])] == 4
 
 
 def test_ep2_and_tp_coordinated_equal_single_process():
-    check_results(run("moelab.dist.checks:ep_equivalence", 2, EP_CASES[:5], 2))
-    results = run("moelab.dist.checks:ep_equivalence", 4, [dict(k=1, tp_size=2),
-                                                         dict(k=2, tp_size=2)], 2)
+    check_results(run(CHECKS + "ep_equivalence", 2, EP_CASES[:5], 2))
+    results = run(CHECKS + "ep_equivalence", 4, [dict(k=1, exchange="tp_coordinated", tp_size=2),
+                                                 dict(k=2, exchange="tp_coordinated", tp_size=2)],
+                  2)
     check_results(results)
     # TP ranks 0 and 1 hold the same tokens; each exchanges with 1 peer twice + 1 all-gather
     assert results[0][0]["tokens"] == results[1][0]["tokens"]
@@ -65,7 +66,7 @@ def test_ep2_and_tp_coordinated_equal_single_process():
 
 @pytest.mark.parametrize("nprocs,ep_size", [(2, 2), (4, 2)])
 def test_training_with_ep_matches_ep1(nprocs, ep_size):
-    result = run("moelab.dist.checks:ep_training_equivalence", nprocs, ep_size)[0]
+    result = run(CHECKS + "ep_training_equivalence", nprocs, ep_size)[0]
     assert result["losses_ep"] == pytest.approx(result["losses_ep1"], rel=1e-6)
     # Adam divides by sqrt(v): parameters whose gradients are ~0 amplify summation-order noise;
     # 1e-5 is 0.3% of one Adam step at lr 3e-3
@@ -73,7 +74,7 @@ def test_training_with_ep_matches_ep1(nprocs, ep_size):
 
 
 def test_reshard_4_2_1_4_keeps_outputs_and_optimizer_state():
-    result = run("moelab.dist.checks:reshard_roundtrip", 4)[0]
+    result = run(CHECKS + "reshard_roundtrip", 4)[0]
     assert result["ep_sizes"] == [4, 2, 1, 4]
     assert result["probe_loss"] == pytest.approx([result["probe_loss"][0]] * 4, rel=1e-6)
     assert result["next_step_loss"] == pytest.approx([result["next_step_loss"][0]] * 4,
@@ -110,7 +111,7 @@ def test_a_failing_rank_ends_the_run_fast_with_its_traceback():
         run("dist_targets:fail_on_rank_one", 3, timeout=60)
     assert info.value.rank == 1
     assert time.monotonic() - start < 30  # ~5 s of start-up; the failure itself ends in < 10 s
-    leftovers = subprocess.run(["pgrep", "-f", "moelab.dist.worker"], capture_output=True,
+    leftovers = subprocess.run(["pgrep", "-f", "moelab.parallel.worker"], capture_output=True,
                                text=True).stdout.split()
     assert leftovers == []
 
@@ -126,7 +127,7 @@ def test_bad_input_fails_clearly_without_hanging():
     with pytest.raises(ValueError, match="cannot be imported"):
         launch("no_such_module_xyz:main", nprocs=2)
     with pytest.raises(ValueError, match="has no function"):
-        launch("moelab.dist.checks:nope", nprocs=2)
+        launch(CHECKS + "nope", nprocs=2)
     with pytest.raises(ValueError, match="defined in the notebook"):
         launch(lambda: None, nprocs=2)
     with pytest.raises(ValueError, match="backend must be one of"):
@@ -149,12 +150,12 @@ def test_layouts_and_message_formulas():
     with pytest.raises(ValueError, match="must divide the world size 6"):
         parallel_layout(6, 4)
     # the paper's layouts: 128 GPUs, 8 per node, 8-way TP
-    assert message_counts(128, node_size=8, tp_size=8) == {
-        "flat": 127, "hierarchical": 7 + 15, "tp_coordinated": 15 + 7}
+    assert [messages_per_exchange(128, name, node_size=8, tp_size=8)
+            for name in ("flat", "hierarchical", "tp_coordinated")] == [127, 7 + 15, 15 + 7]
 
 
 def test_torchrun_command_for_several_nodes():
-    command = torchrun_command("moelab.dist.checks:ep_equivalence", nnodes=2, nproc_per_node=8)
+    command = torchrun_command(CHECKS + "ep_equivalence", nnodes=2, nproc_per_node=8)
     assert command.startswith("torchrun --nnodes=2 --nproc-per-node=8 --node-rank=$NODE_RANK")
-    assert "-m moelab.dist.worker --target moelab.dist.checks:ep_equivalence" in command
+    assert f"-m moelab.parallel.worker --target {CHECKS}ep_equivalence" in command
     assert sys.executable  # the command uses torchrun from the same environment

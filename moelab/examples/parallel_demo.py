@@ -1,4 +1,4 @@
-"""Launch targets for notebook 06 and benchmarks/bench_alltoall.py, and the message formulas.
+"""Launch targets for notebook 06 and benchmarks/bench_alltoall.py.
 
 Each ``launch`` target runs on every rank and returns plain data; the live ones also send one
 *traffic record* per step with ``report(**record)``, which ``moelab.viz.parallel_view.ParallelView``
@@ -25,9 +25,7 @@ and one forward:
     bytes_sent   int         bytes it sent in them
     loss         float|None  this rank's loss at that step, when training
 
-The formulas (§5.3): per exchange, flat p - 1 messages a rank; hierarchical (G - 1) + (p/G - 1)
-at about twice the volume; parallelism-coordinated (p/L - 1), plus an all-gather over the L
-TP lanes (L - 1) on the way back. A forward has two exchanges (to the experts and back).
+The counts the ranks measure are compared with the formulas of `moelab.exchanges`.
 """
 
 from __future__ import annotations
@@ -38,88 +36,32 @@ import time
 import torch
 import torch.distributed as dist
 
-from .alltoall import message_counts
-from .launch import report
-
-EXCHANGE_NAMES = ("flat", "hierarchical", "tp_coordinated")
-
-
-# ------------------------------------------------------------------------------ formulas
-
-def messages_per_forward(world: int, exchange: str = "flat", node_size: int | None = None,
-                         tp_size: int = 1) -> int:
-    """Messages one rank sends in one forward: the exchange to the experts and the one back
-    (§5.3); for "tp_coordinated" the all-gather over the L lanes follows the way back."""
-    if exchange == "flat":
-        return 2 * message_counts(world)["flat"]
-    if exchange == "hierarchical":
-        return 2 * message_counts(world, node_size=node_size)["hierarchical"]
-    if exchange == "tp_coordinated":
-        return 2 * (world // tp_size - 1) + (tp_size - 1)
-    raise ValueError(f"exchange must be one of {EXCHANGE_NAMES}; got {exchange!r}")
-
-
-def volume_per_exchange(world: int, exchange: str = "flat", node_size: int | None = None,
-                        tp_size: int = 1) -> float:
-    """Bytes one rank sends in one exchange, as a multiple of its dispatched buffer B, for an
-    even spread over experts: flat (p-1)/p; hierarchical (G-1)/G + (n-1)/n with n = p/G nodes
-    (close to 2x); parallelism-coordinated (p/L - 1)/(p/L) of B/L (each lane sends its 1/L)."""
-    if exchange == "flat":
-        return (world - 1) / world
-    if exchange == "hierarchical":
-        nodes = world // node_size
-        return (node_size - 1) / node_size + (nodes - 1) / nodes
-    if exchange == "tp_coordinated":
-        group = world // tp_size
-        return (group - 1) / group / tp_size
-    raise ValueError(f"exchange must be one of {EXCHANGE_NAMES}; got {exchange!r}")
-
-
-def bytes_per_forward(world: int, exchange: str, buffer_bytes: int,
-                      node_size: int | None = None, tp_size: int = 1) -> float:
-    """Bytes one rank sends in one forward, for a dispatched buffer of `buffer_bytes` spread
-    evenly: two exchanges, plus for "tp_coordinated" the all-gather of its 1/L of the outputs
-    to the L - 1 other lanes."""
-    volume = 2 * volume_per_exchange(world, exchange, node_size, tp_size) * buffer_bytes
-    if exchange == "tp_coordinated":
-        volume += (tp_size - 1) * buffer_bytes / tp_size
-    return volume
-
-
-def message_table(world: int, node_size: int, tp_size: int) -> list[dict]:
-    """One row per exchange for a layout: messages per exchange (the paper's hop count),
-    per forward, and the volume per exchange as a multiple of the buffer."""
-    per_exchange = message_counts(world, node_size=node_size, tp_size=tp_size)
-    rows = []
-    for name, formula in (("flat", "p - 1"), ("hierarchical", "(G - 1) + (p/G - 1)"),
-                          ("tp_coordinated", "(p/L - 1) + (L - 1)")):
-        rows.append({
-            "world": world, "node_size": node_size, "tp_size": tp_size, "exchange": name,
-            "formula": formula, "messages_per_exchange": per_exchange[name],
-            "messages_per_forward": messages_per_forward(world, name, node_size, tp_size),
-            "volume": volume_per_exchange(world, name, node_size, tp_size),
-        })
-    return rows
-
-
-def paper_layouts() -> list[dict]:
-    """The paper's inference layouts: 128 and 256 GPUs, 8 per node, 8-way tensor slicing."""
-    return [row for world in (128, 256) for row in message_table(world, 8, 8)]
-
+from ..data import multidomain_corpus
+from ..layer import MoE
+from ..model import GPT, preset
+from ..parallel import clip_grad_norm_, parallelize, report, sync_gradients
+from ..train import param_groups
+from .parallel_checks import ep_equivalence, ep_training_equivalence, reshard_roundtrip
 
 # ------------------------------------------------------------------------- on the ranks
 
 def _layer(config: dict, num_experts: int, d_model: int, d_ff: int, k: int,
            drop_tokens: bool, seed: int):
-    """An expert-parallel MoE layer for one exchange config (same weights on every rank)."""
-    from ..layer import MoE
-
-    world, tp_size = dist.get_world_size(), config.get("tp_size", 1)
-    exchange = "hierarchical" if config.get("exchange") == "hierarchical" else "flat"
+    """An expert-parallel MoE layer for one exchange config (a dict of ParallelConfig options;
+    the same weights on every rank)."""
     torch.manual_seed(seed)
-    return MoE(d_model, d_ff, num_experts, k=k, drop_tokens=drop_tokens, use_rts=False,
-               min_capacity=0, ep_size=world // tp_size, tp_size=tp_size, exchange=exchange,
-               node_size=config.get("node_size")).eval()
+    layer = MoE(d_model, d_ff, num_experts, k=k, drop_tokens=drop_tokens, use_rts=False,
+                min_capacity=0).eval()
+    config = _plan(config)
+    return parallelize(layer, ep_size=dist.get_world_size() // config["tp_size"], **config)
+
+
+def _plan(config: dict) -> dict:
+    """An exchange config as ParallelConfig options ({"tp_size": L} alone means the
+    TP-coordinated exchange)."""
+    tp_size = config.get("tp_size", 1)
+    return {"exchange": "tp_coordinated" if tp_size > 1 else "flat", **config,
+            "tp_size": tp_size}
 
 
 def _tokens(num_tokens: int, d_model: int, tp_size: int, seed: int, skew: float) -> torch.Tensor:
@@ -130,12 +72,6 @@ def _tokens(num_tokens: int, d_model: int, tp_size: int, seed: int, skew: float)
     x = torch.randn(num_tokens, d_model, generator=generator)
     x[:, 0] += skew
     return x
-
-
-def exchange_label(config: dict) -> str:
-    if config.get("tp_size", 1) > 1:
-        return "tp_coordinated"
-    return config.get("exchange", "flat")
 
 
 def traffic_record(layer, routing, step: int, messages: int, bytes_sent: int,
@@ -150,7 +86,7 @@ def traffic_record(layer, routing, step: int, messages: int, bytes_sent: int,
     weight = layer.experts.w_in
     return {
         "rank": dist.get_rank(), "step": step, "layer": layer_index,
-        "exchange": "tp_coordinated" if parallel.tp_size > 1 else parallel.exchange,
+        "exchange": parallel.exchange,
         "world": world, "ep_size": parallel.ep_size, "tp_size": parallel.tp_size,
         "node_size": parallel.node_size if parallel.exchange == "hierarchical" else None,
         "num_experts": parallel.num_experts, "experts": list(parallel.local_experts),
@@ -240,7 +176,7 @@ def exchange_benchmark(configs: list[dict], token_counts: list[int], rounds: int
                     exchange_s.append(float(elapsed[1]))
                     counted = (int(elapsed[2]), int(elapsed[3]))
             rows.append({
-                "world": dist.get_world_size(), "exchange": exchange_label(config),
+                "world": dist.get_world_size(), "exchange": _plan(config)["exchange"],
                 "node_size": config.get("node_size"), "tp_size": config.get("tp_size", 1),
                 "tokens": num_tokens, "d_model": d_model, "num_experts": num_experts,
                 "messages": counted[0], "bytes": counted[1],
@@ -252,10 +188,8 @@ def exchange_benchmark(configs: list[dict], token_counts: list[int], rounds: int
 
 def equivalence_table(cases: list[dict], tp_cases: list[dict] = (), d_model: int = 8,
                       d_ff: int = 16, num_experts: int = 4) -> list[dict]:
-    """`checks.ep_equivalence` for `cases` at ep_size = world, then for `tp_cases` at
+    """`parallel_checks.ep_equivalence` for `cases` at ep_size = world, then for `tp_cases` at
     ep_size = world / tp_size, in one launch."""
-    from .checks import ep_equivalence
-
     world = dist.get_world_size()
     out = ep_equivalence(list(cases), world, d_model, d_ff, num_experts)
     for case in tp_cases:
@@ -265,9 +199,7 @@ def equivalence_table(cases: list[dict], tp_cases: list[dict] = (), d_model: int
 
 def training_checks(ep_size: int = 2, steps: int = 2,
                     reshard_sizes: tuple[int, ...] = (4, 2)) -> dict:
-    """`checks.ep_training_equivalence` and `checks.reshard_roundtrip` in one launch."""
-    from .checks import ep_training_equivalence, reshard_roundtrip
-
+    """`parallel_checks.ep_training_equivalence` and `reshard_roundtrip` in one launch."""
     return {"training": ep_training_equivalence(ep_size, steps),
             "reshard": reshard_roundtrip(tuple(reshard_sizes))}
 
@@ -279,17 +211,12 @@ def train_with_reports(steps: int = 8, ep_size: int | None = None, exchange: str
     """Train a tiny GPT with expert parallelism (data parallel over every rank), and after each
     step report a traffic record of its first MoE layer. Dropless by default, so that the
     traffic follows the routing (with capacity every expert ships C rows whatever it got)."""
-    from ..data import multidomain_corpus
-    from ..model import GPT, preset
-    from ..train import param_groups
-    from .training import clip_grad_norm_, sync_gradients
-
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(seed)
     config = preset("tiny", block_size=block_size, d_model=d_model, n_head=2, experts=experts,
-                    use_rts=False, drop_tokens=drop_tokens, ep_size=ep_size or world,
-                    exchange=exchange, node_size=node_size)
-    model = GPT(config)
+                    use_rts=False, drop_tokens=drop_tokens)
+    model = parallelize(GPT(config), ep_size=ep_size or world, exchange=exchange,
+                        node_size=node_size)
     optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=lr)
     data = multidomain_corpus(20_000)
     first = config.moe_layers[0]

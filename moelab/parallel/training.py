@@ -17,21 +17,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..experts import Experts
+from ..experts import expert_banks
 from .tracing import operation
 
 
 def _split(model: nn.Module):
-    """(shared parameters, [(expert parameter, its layer's ExpertParallel or None)])."""
-    experts = []
-    seen = set()
-    for module in model.modules():
-        parallel = getattr(module, "parallel", None)
-        bank = getattr(module, "experts", None)
-        if isinstance(bank, Experts):
-            for param in bank.parameters():
-                experts.append((param, parallel))
-                seen.add(id(param))
+    """(shared parameters, [(expert parameter, its bank's ExpertParallel or None)])."""
+    experts = [(param, bank.parallel) for _, bank in expert_banks(model)
+               for param in bank.parameters()]
+    seen = {id(param) for param, _ in experts}
     shared = [p for p in model.parameters() if id(p) not in seen]
     return shared, experts
 

@@ -1,10 +1,12 @@
 """Checks that run on every rank of a `launch`: expert parallelism against one process.
 
-Each function is a launch target ("moelab.dist.checks:ep_equivalence") and returns plain numbers
-(max errors, losses), so a test or a notebook cell can assert on them.
+Each function is a launch target ("moelab.examples.parallel_checks:ep_equivalence") and returns
+plain numbers (max errors, losses), so a test or a notebook cell can assert on them.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.distributed as dist
@@ -12,14 +14,15 @@ import torch.distributed as dist
 from ..data import multidomain_corpus
 from ..layer import MoE
 from ..model import GPT, preset
+from ..parallel import (
+    ParallelConfig,
+    clip_grad_norm_,
+    full_state_dict,
+    load_full_state_dict,
+    parallelize,
+    sync_gradients,
+)
 from ..train import param_groups
-from .sharding import full_state_dict, load_full_state_dict
-from .training import clip_grad_norm_, sync_gradients
-
-
-def _copy_reference(reference: MoE, layer: MoE) -> None:
-    """Give `layer` (expert-parallel) the reference's weights: its slice of the experts."""
-    load_full_state_dict(layer, {"model": reference.state_dict()})
 
 
 def _max_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -31,8 +34,9 @@ def _max_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def ep_equivalence(cases: list[dict], ep_size: int, d_model: int = 8, d_ff: int = 16,
                    num_experts: int = 4, seed: int = 0) -> list[dict]:
-    """For each case (MoE options such as k, drop_tokens, exchange, node_size, tp_size,
-    residual): the expert-parallel layer against the single-process layer on this rank's tokens.
+    """For each case (MoE options such as k, drop_tokens or residual, and ParallelConfig options
+    exchange, node_size, tp_size): the expert-parallel layer against the single-process layer on
+    this rank's tokens.
     Ranks get different numbers of tokens, and the last expert is never chosen. Returns the max
     errors of y, dL/dx, the router gradient and the expert gradients, each relative to the
     reference's largest magnitude."""
@@ -40,16 +44,18 @@ def ep_equivalence(cases: list[dict], ep_size: int, d_model: int = 8, d_ff: int 
     results = []
     for case in cases:
         case = dict(case)
-        tp_size = case.pop("tp_size", 1)
+        plan = {name: case.pop(name) for name in ParallelConfig.option_names() if name in case}
+        tp_size = plan.get("tp_size", 1)
+        if tp_size > 1:
+            plan.setdefault("exchange", "tp_coordinated")
         options = dict(use_rts=False, **case)
         torch.manual_seed(seed)
         reference = MoE(d_model, d_ff, num_experts, **options).eval()
         with torch.no_grad():  # x[:, 0] = 3 below, so the last expert's logit is -15: no tokens
             reference.router.weight[-1] = 0.0
             reference.router.weight[-1, 0] = -5.0
-        parallel = MoE(d_model, d_ff, num_experts, ep_size=ep_size, tp_size=tp_size,
-                       **options).eval()
-        _copy_reference(reference, parallel)
+        parallel = copy.deepcopy(reference)
+        parallelize(parallel, ep_size=ep_size, **plan)
         # TP ranks hold the same tokens; otherwise every rank has its own, uneven in number
         group_id = rank // tp_size if tp_size > 1 else rank
         generator = torch.Generator().manual_seed(seed + 1 + group_id)
@@ -80,7 +86,7 @@ def ep_equivalence(cases: list[dict], ep_size: int, d_model: int = 8, d_ff: int 
                            for r, e in zip(ref_grads, ep_grads, strict=True))
         ref, par = outputs["reference"], outputs["parallel"]
         results.append({
-            "case": {**case, "tp_size": tp_size}, "rank": rank, "world": world,
+            "case": {**case, **plan}, "rank": rank, "world": world,
             "tokens": num_tokens, "load": ref[4].load.tolist(),
             "y": _max_error(ref[0], par[0]), "x_grad": _max_error(ref[1], par[1]),
             "router_grad": _max_error(ref[2], par[2]), "expert_grad": expert_error,
@@ -114,10 +120,14 @@ def _train_steps(model: GPT, steps: int, data, start: int = 0) -> list[float]:
 
 
 def _model(ep_size: int, state: dict | None = None, **overrides) -> GPT:
+    """A tiny GPT, expert-parallel over ep_size ranks (ep_size 1: every rank holds every
+    expert, plain data parallelism), with its optimizer."""
     torch.manual_seed(0)
     config = preset("tiny", block_size=16, d_model=32, n_head=2, experts=4, use_rts=False,
-                    ep_size=ep_size, **overrides)
+                    **overrides)
     model = GPT(config)
+    if ep_size > 1:
+        parallelize(model, ep_size=ep_size)
     model._optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=3e-3)
     if state is not None:
         load_full_state_dict(model, state, model._optimizer)

@@ -12,24 +12,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..experts import Experts
+from ..experts import expert_banks
 from .tracing import operation
 
 
-def expert_parameter_names(model: nn.Module) -> set[str]:
-    """Names of the parameters that live in Experts banks."""
-    names = set()
-    for module_name, module in model.named_modules():
-        if isinstance(module, Experts):
-            names.update(f"{module_name}.{p}" if module_name else p
-                         for p, _ in module.named_parameters())
-    return names
-
-
-def _parallel_of(model: nn.Module, name: str):
-    """The ExpertParallel of the MoE layer that owns parameter `name` (or None)."""
-    owner = model.get_submodule(name.rsplit(".", 2)[0]) if name.count(".") >= 2 else model
-    return getattr(owner, "parallel", None)
+def _expert_plans(model: nn.Module) -> dict:
+    """{qualified name of every expert parameter: its bank's ExpertParallel (None: local)}."""
+    return {f"{name}.{p}" if name else p: bank.parallel for name, bank in expert_banks(model)
+            for p, _ in bank.named_parameters()}
 
 
 def local_slice(full: Tensor, parallel) -> Tensor:
@@ -53,12 +43,12 @@ def gather_full(local: Tensor, parallel) -> Tensor:
 def full_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
     """Model (and optimizer) state with every expert tensor gathered to its full [E, ...] form:
     the same dict whatever the ep_size (collective: call on every rank)."""
-    expert_names = expert_parameter_names(model)
+    plans = _expert_plans(model)
     named = dict(model.named_parameters())
     state = {}
     for name, tensor in model.state_dict().items():
-        if name in expert_names:
-            tensor = gather_full(tensor, _parallel_of(model, name))
+        if name in plans:
+            tensor = gather_full(tensor, plans[name])
         state[name] = tensor.detach().clone()
     out = {"model": state}
     if optimizer is not None:
@@ -69,8 +59,8 @@ def full_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer | None = 
                 name = ids[id(param)]
                 entry = {}
                 for key, value in optimizer.state.get(param, {}).items():
-                    if isinstance(value, Tensor) and value.dim() > 0 and name in expert_names:
-                        value = gather_full(value, _parallel_of(model, name))
+                    if isinstance(value, Tensor) and value.dim() > 0 and name in plans:
+                        value = gather_full(value, plans[name])
                     entry[key] = value.clone() if isinstance(value, Tensor) else value
                 per_param[name] = entry
         out["optimizer"] = {"state": per_param,
@@ -83,11 +73,11 @@ def load_full_state_dict(model: nn.Module, state: dict,
                          optimizer: torch.optim.Optimizer | None = None) -> None:
     """Load a `full_state_dict` at this model's ep_size: each rank takes its experts' slice of
     the weights and of the optimizer state."""
-    expert_names = expert_parameter_names(model)
+    plans = _expert_plans(model)
     local = {}
     for name, tensor in state["model"].items():
-        if name in expert_names:
-            tensor = local_slice(tensor, _parallel_of(model, name))
+        if name in plans:
+            tensor = local_slice(tensor, plans[name])
         local[name] = tensor
     model.load_state_dict(local)
     if optimizer is None or "optimizer" not in state:
@@ -99,8 +89,8 @@ def load_full_state_dict(model: nn.Module, state: dict,
         param = named[name]
         restored = {}
         for key, value in entry.items():
-            if isinstance(value, Tensor) and value.dim() > 0 and name in expert_names:
-                value = local_slice(value, _parallel_of(model, name))
+            if isinstance(value, Tensor) and value.dim() > 0 and name in plans:
+                value = local_slice(value, plans[name])
             restored[key] = value.clone() if isinstance(value, Tensor) else value
         if restored:
             optimizer.state[param] = restored

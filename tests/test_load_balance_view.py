@@ -1,4 +1,4 @@
-"""LoadBalanceView and ShapeView, checked on their data and figure state (no browser)."""
+"""LoadBalanceView, checked on its data and figure state (no browser), live beside a Trainer."""
 
 from __future__ import annotations
 
@@ -8,10 +8,8 @@ import torch
 
 from moelab.data import multidomain_corpus
 from moelab.model import GPT, preset
-from moelab.sizing import size
 from moelab.train import TrainConfig, Trainer
 from moelab.viz.load_balance import LoadBalanceView, load_arrays, load_balance_figure
-from moelab.viz.shape_view import ShapeView, model_shape, shape_figure
 
 
 def fake_history():
@@ -63,28 +61,6 @@ def test_live_view_follows_a_trainer_and_throttles_redraws():
                                load_arrays(trainer.history)["share"][1])
 
 
-def test_shape_of_pr_moe_and_mos():
-    shape = model_shape(preset("paper_350m_pr_moe_32_64"))
-    kinds = [b["kind"] for b in shape["blocks"]]
-    assert kinds == ["dense", "residual-moe"] * 12
-    assert [b["experts"] for b in shape["blocks"]][1::2] == [32] * 10 + [64] * 2
-    assert shape["total"] == size(preset("paper_350m_pr_moe_32_64")).total
-
-
-def test_shape_figure_compares_configs_side_by_side():
-    fig = shape_figure(["paper_350m_moe128", "paper_350m_pr_moe_32_64"])
-    titles = [a.text for a in fig.layout.annotations]
-    assert "13.1B params" in titles[0] and "4.1B params" in titles[1]
-    experts_traces = [t for t in fig.data if t.name.startswith("experts")]
-    assert [v for v in experts_traces[1].y if v] == [32] * 10 + [64] * 2
-    residual = [t for t in fig.data if "Residual" in t.name]
-    assert sum(1 for v in residual[1].y if v) == 12 and not any(residual[0].y)
-    view = ShapeView("tiny", "small")
-    assert len(view.shapes) == 2 and view.figure.data
-    with pytest.raises(ValueError, match="unknown preset"):
-        ShapeView("huge")
-
-
 def test_load_balance_view_layers_from_names_and_one_figure_on_screen():
     """layer_names alone sets the layers; attach() rebuilds inside the same widget (what is
     already displayed shows the new figure) and closes the old FigureWidget."""
@@ -107,14 +83,3 @@ def test_load_balance_view_layers_from_names_and_one_figure_on_screen():
     assert empty.widget is shown and shown.children[1] is empty.figure
     assert empty.figure is not old_figure and old_figure.comm is None  # closed
     assert len(empty.figure.data) == 1 + 2 * 2 + 2
-
-
-@pytest.mark.parametrize("num_blocks", [1, 2, 4, 12, 21, 24, 40, 58, 200])
-def test_shape_view_labels_at_most_about_eight_blocks(num_blocks):
-    from moelab.viz.shape_view import block_ticks
-
-    ticks = block_ticks(num_blocks)
-    assert ticks == sorted(set(ticks)) and 1 <= ticks[0] and ticks[-1] <= num_blocks
-    assert len(ticks) <= 9
-    if num_blocks <= 8:
-        assert ticks == list(range(1, num_blocks + 1))

@@ -1,4 +1,4 @@
-"""Expert-parallel (EP) and expert-data-parallel (EDP) process groups.
+"""Expert-parallel (EP) and expert-data-parallel (EDP) layouts, and the groups moelab creates.
 
 Layout "experts first", as DeepSpeed's default (E + D): with world size W and ep_size P, the EP
 groups are contiguous blocks of P ranks (each block holds every expert once, E/P per rank) and
@@ -6,16 +6,25 @@ the EDP groups are strided: the ranks that hold the same experts, one per block,
 those experts' gradients. Example, W=8, P=4: EP [0,1,2,3], [4,5,6,7]; EDP [0,4], [1,5], [2,6],
 [3,7]. Non-expert parameters are data-parallel over all W ranks.
 
-PR-MoE layers have different expert counts, and the best EP degree is one expert per rank, so
-each distinct ep_size gets its own group set (§4.1.3, "multi-expert and multi-data parallelism").
-Everything is validated before any collective runs.
+Every process group moelab makes goes through `new_group`, which gives it the run's collective
+timeout (`collective_timeout`): a group made with torch's ``new_group(ranks)`` alone waits 30
+minutes, whatever the default group's timeout.
 """
 
 from __future__ import annotations
 
+import datetime
+import os
 from dataclasses import dataclass
 
 import torch.distributed as dist
+
+from ..config import check_int
+
+#: The environment variable `moelab.parallel.launch` sets on every rank: seconds a collective
+#: may wait before it fails.
+TIMEOUT_ENV = "MOELAB_COLLECTIVE_TIMEOUT"
+DEFAULT_TIMEOUT_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -44,8 +53,7 @@ class ParallelLayout:
 
 
 def check_ep_size(world_size: int, ep_size: int, num_experts: int | None = None) -> None:
-    if isinstance(ep_size, bool) or not isinstance(ep_size, int) or ep_size < 1:
-        raise ValueError(f"ep_size must be an integer >= 1; got {ep_size!r}")
+    check_int("ep_size", ep_size)
     if world_size % ep_size:
         raise ValueError(f"ep_size={ep_size} must divide the world size {world_size}; choose "
                          f"one of {[d for d in range(1, world_size + 1) if world_size % d == 0]}")
@@ -64,48 +72,15 @@ def parallel_layout(world_size: int, ep_size: int, num_experts: int | None = Non
     return ParallelLayout(world_size, ep_size, ep_groups, edp_groups)
 
 
-@dataclass(frozen=True)
-class ExpertGroups:
-    """This rank's process groups for one ep_size."""
-
-    layout: ParallelLayout
-    ep_group: object  # dist.ProcessGroup
-    edp_group: object  # dist.ProcessGroup
-    rank: int
-
-    @property
-    def ep_size(self) -> int:
-        return self.layout.ep_size
-
-    @property
-    def ep_rank(self) -> int:
-        return self.layout.ep_rank(self.rank)
+def collective_timeout(seconds: float | None = None) -> datetime.timedelta:
+    """The timeout of moelab's groups: ``seconds`` if given, else the run's (the environment
+    variable `launch` sets), else DEFAULT_TIMEOUT_S."""
+    if seconds is None:
+        seconds = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+    return datetime.timedelta(seconds=seconds)
 
 
-_GROUPS: dict[int, ExpertGroups] = {}
-
-
-def expert_groups(ep_size: int, num_experts: int | None = None) -> ExpertGroups:
-    """The groups for ep_size, created on first use (every rank must ask for the same ep_sizes
-    in the same order: group creation is itself collective)."""
-    if not dist.is_initialized():
-        raise RuntimeError("expert parallelism needs an initialised process group: run inside "
-                           "moelab.dist.launch(...) or call torch.distributed.init_process_group")
-    world, rank = dist.get_world_size(), dist.get_rank()
-    check_ep_size(world, ep_size, num_experts)
-    if ep_size not in _GROUPS:
-        layout = parallel_layout(world, ep_size)
-        mine = {}
-        # new_group must be called by every rank for every group, in the same order
-        for kind, groups in (("ep", layout.ep_groups), ("edp", layout.edp_groups)):
-            for ranks in groups:
-                group = dist.new_group(list(ranks))
-                if rank in ranks:
-                    mine[kind] = group
-        _GROUPS[ep_size] = ExpertGroups(layout, mine["ep"], mine["edp"], rank)
-    return _GROUPS[ep_size]
-
-
-def reset_groups() -> None:
-    """Forget cached groups (after destroy_process_group)."""
-    _GROUPS.clear()
+def new_group(ranks, timeout: float | None = None):
+    """``dist.new_group(ranks)`` with the run's collective timeout (every rank must call it for
+    every group, in the same order: group creation is itself collective)."""
+    return dist.new_group(list(ranks), timeout=collective_timeout(timeout))

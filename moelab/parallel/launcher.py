@@ -14,7 +14,7 @@ Why a function typed into a notebook cannot be the target: the ranks are fresh P
 that import the target by its module and name. A function defined in a cell lives in the
 kernel's ``__main__``, which the ranks cannot import (and pickling a function only stores that
 name). Put it in a module, or run the cell itself as the ranks' script with the cell magic
-``%%launch -n 4`` (``%load_ext moelab.dist.launch`` first).
+``%%launch -n 4`` (``%load_ext moelab.parallel`` first).
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from ..config import check_int
 
 METRIC_PREFIX = "@@moelab-metric "
 BACKENDS = ("auto", "gloo", "nccl")
@@ -90,7 +92,7 @@ def torchrun_command(target: str, nnodes: int, nproc_per_node: int,
     target = _resolve_target(target)
     return (f"torchrun --nnodes={nnodes} --nproc-per-node={nproc_per_node} "
             f"--node-rank=$NODE_RANK --master-addr={master_addr} --master-port={master_port} "
-            f"-m moelab.dist.worker --target {shlex.quote(target)}")
+            f"-m moelab.parallel.worker --target {shlex.quote(target)}")
 
 
 def launch(target, nprocs: int = 2, backend: str = "auto", args: tuple = (),
@@ -107,8 +109,7 @@ def launch(target, nprocs: int = 2, backend: str = "auto", args: tuple = (),
         on_metric: called as on_metric(rank, record) for every ``report(**record)`` in a rank.
         quiet: do not print the ranks' output (it is still returned on failure).
     """
-    if isinstance(nprocs, bool) or not isinstance(nprocs, int) or nprocs < 1:
-        raise ValueError(f"nprocs must be an integer >= 1; got {nprocs!r}")
+    nprocs = check_int("nprocs", nprocs)
     if not timeout or timeout <= 0:
         raise ValueError(f"timeout must be > 0 seconds; got {timeout!r}")
     target = _resolve_target(target) if not isinstance(target, _Script) else target
@@ -133,7 +134,7 @@ def _run(target, nprocs, backend, args, kwargs, timeout, on_metric, quiet, env) 
             pickle.dump(spec, f)
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                    f"--nproc-per-node={nprocs}", "--max-restarts=0", "--monitor-interval=0.1",
-                   "-m", "moelab.dist.worker", "--run-dir", str(run_dir)]
+                   "-m", "moelab.parallel.worker", "--run-dir", str(run_dir)]
         child_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS":
                      os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1)
                                                                // nprocs))),
@@ -208,7 +209,7 @@ def report(**metrics) -> None:
 
 
 def load_ipython_extension(ipython) -> None:
-    """``%load_ext moelab.dist.launch`` registers the ``%%launch`` cell magic:
+    """``%load_ext moelab.parallel`` registers the ``%%launch`` cell magic:
     ``%%launch -n 4 [--backend gloo] [--timeout 120]`` runs the cell's code on every rank
     (the process group is already initialised; a variable named ``result`` is returned)."""
     from IPython.core.magic import register_cell_magic

@@ -1,6 +1,6 @@
 """One rank of a `launch` (or torchrun) run: init the process group, call the target, report.
 
-Run by torch.distributed.run as ``python -m moelab.dist.worker --run-dir DIR`` (from `launch`)
+Run by torch.distributed.run as ``python -m moelab.parallel.worker --run-dir DIR`` (from `launch`)
 or ``--target module:function`` (multi-node torchrun). Output lines carry a ``[rank r]`` prefix.
 """
 
@@ -18,6 +18,7 @@ import time
 import traceback
 from pathlib import Path
 
+from .groups import TIMEOUT_ENV
 from .tracing import failed_operation
 
 
@@ -59,6 +60,8 @@ def main() -> None:
         with open(options.run_dir / "spec.pkl", "rb") as f:
             spec.update(pickle.load(f))
     rank = int(os.environ["RANK"])
+    # every group moelab makes on this rank gets the run's timeout (moelab.parallel.groups)
+    os.environ[TIMEOUT_ENV] = str(spec["timeout"])
     sys.stdout = _Prefixed(sys.stdout, f"[rank {rank}] ")
     sys.stderr = _Prefixed(sys.stderr, f"[rank {rank}] ")
 

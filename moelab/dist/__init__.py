@@ -1,1 +1,0 @@
-"""moelab.dist: expert parallelism over torch.distributed (the expert-parallelism slice)."""
