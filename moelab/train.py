@@ -6,42 +6,40 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from .config import Config, documented, option
 from .data import Corpus
 from .experts import expert_banks
 
 LossFn = Callable[[nn.Module, Tensor, Tensor, int], tuple[Tensor, object, dict]]
 
 
-@dataclass
-class TrainConfig:
+@documented
+@dataclass(frozen=True)
+class TrainConfig(Config):
     """Defaults follow the paper's scripts where they carry over to a laptop: AdamW β=(0.9,
     0.95), weight decay 0.1, gradient clipping at 1.0, warmup then cosine decay to lr/10."""
 
-    steps: int = 200
-    batch_size: int = 16
-    lr: float = 1e-3
-    min_lr: float | None = None  # None = lr / 10
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
-    eval_every: int = 50  # 0 = never
-    eval_batches: int = 4
-    seed: int = 0
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        for key in ("steps", "batch_size", "eval_batches"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1; got {getattr(self, key)!r}")
-        if self.lr <= 0 or self.warmup_steps < 0 or self.eval_every < 0 or self.grad_clip < 0:
-            raise ValueError("lr must be > 0 and warmup_steps, eval_every, grad_clip >= 0")
+    steps: int = option(200, "optimizer steps of a full `train()`", low=1)
+    batch_size: int = option(16, "sequences per step", low=1)
+    lr: float = option(1e-3, "peak learning rate", above=0)
+    min_lr: float | None = option(None, "the cosine's final learning rate; None = lr / 10",
+                                  kind="float", low=0)
+    warmup_steps: int = option(20, "linear warmup steps", low=0)
+    weight_decay: float = option(0.1, "AdamW weight decay (not on biases and norms)", low=0)
+    betas: tuple[float, float] = option((0.9, 0.95), "AdamW betas", kind="any")
+    grad_clip: float = option(1.0, "clip the global gradient norm at this; 0 = no clipping",
+                              low=0)
+    eval_every: int = option(50, "validate every this many steps; 0 = never", low=0)
+    eval_batches: int = option(4, "validation batches per evaluation", low=1)
+    seed: int = option(0, "seed of the batches (and of the validation batches, seed + 1)",
+                       low=0)
+    progress: bool = option(True, "show a progress bar (tqdm, from the lab extra)")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -195,7 +193,7 @@ class Trainer:
         return {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "step": self.step_count, "history": self.history,
-            "config": asdict(self.config), "model_config": self.model.config.to_dict(),
+            "config": self.config.to_dict(), "model_config": self.model.config.to_dict(),
             "rng": {"torch": torch.get_rng_state(), "data": self.generator.get_state()},
         }
 

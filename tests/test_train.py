@@ -57,7 +57,7 @@ def test_aux_loss_lowers_load_imbalance(corpus):
 
 def test_history_records_moe_metrics(corpus):
     trainer = make_trainer(corpus, steps=4)
-    trainer.config.eval_every = 2
+    trainer.config = trainer.config.replace(eval_every=2)
     seen = []
     trainer.subscribe(seen.append)
     trainer.train()
