@@ -46,9 +46,11 @@ $(VENV)/.stamp-lab: pyproject.toml $(VENV)/.stamp-torch
 	$(PIP) install "$(TORCH)" -e ".[lab,kernels]"
 	@touch $@
 
-# dev is a superset of lab, so it satisfies the lab stamp too.
+# dev is a superset of lab, so it satisfies the lab stamp too. The peers (DeepSpeed,
+# transformers) come with it for the benchmarks and the parity tests; DS_BUILD_OPS=0 installs
+# DeepSpeed without compiling its ops.
 $(VENV)/.stamp-dev: pyproject.toml $(VENV)/.stamp-torch
-	$(PIP) install "$(TORCH)" -e ".[lab,kernels,dev]"
+	DS_BUILD_OPS=0 $(PIP) install "$(TORCH)" -e ".[lab,kernels,dev,peers]"
 	@touch $@ $(VENV)/.stamp-lab
 
 venv: $(VENV)/.stamp-dev

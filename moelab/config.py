@@ -54,16 +54,15 @@ def option(default: Any = dataclasses.MISSING, doc: str = "", *, kind: str | Non
 # ------------------------------------------------------------------------------ checks
 
 def _range_text(low=None, high=None, above=None, below=None) -> str:
-    if low is not None and high is not None:
-        return f"in [{low:g}, {high:g}]"
-    if low is not None and below is not None:
-        return f"in [{low:g}, {below:g})"
-    if above is not None:
-        return f"> {above:g}"
-    if low is not None:
-        return f">= {low:g}"
-    if high is not None:
-        return f"<= {high:g}"
+    """"in [0, 1)", "> 0", "<= 5", ... for the bounds that are set."""
+    start = f"[{low:g}" if low is not None else f"({above:g}" if above is not None else None
+    end = f"{high:g}]" if high is not None else f"{below:g})" if below is not None else None
+    if start and end:
+        return f"in {start}, {end}"
+    if start:
+        return (">= " if low is not None else "> ") + start[1:]
+    if end:
+        return ("<= " if high is not None else "< ") + end[:-1]
     return ""
 
 

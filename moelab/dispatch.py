@@ -65,6 +65,8 @@ def _source_token(routing: Routing, num_rows: int) -> Tensor:
 
 def _dispatch_index(x: Tensor, routing: Routing) -> Tensor:
     num_rows = _num_rows(routing)
+    if x.shape[0] == 0:  # no tokens: every buffer row is empty
+        return x.new_zeros(num_rows, x.shape[1])
     source = _source_token(routing, num_rows)  # [rows]
     if _every_row_filled(routing, num_rows):
         return x.index_select(0, source)
@@ -100,7 +102,8 @@ def _combine_index(expert_out: Tensor, routing: Routing) -> Tensor:
     if k == 1:
         return gathered * weight  # [S, d]
     # y_s = sum_j weight[s, j] · out[row[s, j]]                                       [S, d]
-    return torch.bmm(weight[:, None, :], gathered.view(num_tokens, k, -1)).squeeze(1)
+    return torch.bmm(weight[:, None, :], gathered.view(num_tokens, k, flat_out.shape[1])
+                     ).squeeze(1)
 
 
 # ------------------------------------------------------------- einsum backend (one-hot masks)

@@ -19,7 +19,8 @@ How the two map (transformers 5.x layouts):
 
 Both HF blocks are dropless (every token reaches its k experts), so the moelab layer is built
 with ``drop_tokens=False``, and without routing noise or sampling, so it matches in train mode
-too. Mixtral's ``router_jitter_noise`` (training only) is not carried over.
+too. A Mixtral block with ``router_jitter_noise > 0`` is refused (its jitter scales the experts'
+input too, which moelab's Jitter does not).
 
 transformers is an optional extra (``pip install moelab[hf]``); it is imported only when a
 function here needs it.
@@ -57,6 +58,19 @@ def _is_silu(module) -> bool:
     return isinstance(module, nn.SiLU) or "silu" in type(module).__name__.lower()
 
 
+def _check_shapes(gate, gate_up, down) -> None:
+    """gate [E, d], gate_up_proj [E, 2f, d], down_proj [E, d, f], or a ValueError naming them."""
+    ok = (gate.dim() == 2 and gate_up.dim() == 3 and down.dim() == 3
+          and gate.shape[0] == gate_up.shape[0] == down.shape[0]
+          and gate.shape[1] == gate_up.shape[2] == down.shape[1]
+          and gate_up.shape[1] == 2 * down.shape[2])
+    if not ok:
+        raise ValueError(f"the block's weights do not fit together: gate.weight "
+                         f"{tuple(gate.shape)} (expected [E, d]), experts.gate_up_proj "
+                         f"{tuple(gate_up.shape)} ([E, 2f, d]), experts.down_proj "
+                         f"{tuple(down.shape)} ([E, d, f])")
+
+
 @torch.no_grad()
 def from_hf(block: nn.Module, backend: str = "index") -> MoE:
     """A moelab MoE computing what ``block`` computes (same device and dtype, copied weights).
@@ -73,6 +87,15 @@ def from_hf(block: nn.Module, backend: str = "index") -> MoE:
                          "supported (this block's experts are transposed or interleaved)")
     num_experts, width, d_model = experts.gate_up_proj.shape  # [E, 2f, d]
     d_ff = width // 2
+    _check_shapes(block.gate.weight, experts.gate_up_proj, experts.down_proj)
+    jitter = getattr(block, "jitter_noise", 0.0)
+    if jitter:
+        raise ValueError(
+            f"this Mixtral block has router_jitter_noise={jitter}: in training it multiplies the "
+            "hidden states that reach the router *and the experts* by U(1 - ε, 1 + ε), which "
+            "moelab's Jitter (router input only) does not represent. Build the block with "
+            "router_jitter_noise=0 (what the released models use), or call from_hf on it in "
+            "eval only after setting block.jitter_noise = 0")
     k = block.gate.top_k
     reference = experts.gate_up_proj
     layer_options = dict(k=k, drop_tokens=False, use_rts=False, noisy_gate_policy=None,

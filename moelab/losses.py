@@ -23,6 +23,8 @@ def aux_loss(probs: Tensor, expert: Tensor) -> Tensor:
     value near 1 does not by itself mean the load is balanced.
     """
     num_experts, k = probs.shape[1], expert.shape[1]
+    if probs.shape[0] == 0:  # no tokens (an expert-parallel rank without any): nothing to balance
+        return probs.sum()
     me = probs.mean(dim=0)  # [E]
     counted = expert[:, 0] if k <= 2 else expert.reshape(-1)  # [S] or [S·k]
     return me.index_select(0, counted).mean() * num_experts
@@ -34,6 +36,8 @@ def z_loss(logits: Tensor, probs: Tensor, top: Tensor) -> Tensor:
     p = softmax(l) = exp(l - lse), so lse = l_t - log p_t for any expert t; at the token's most
     probable expert ``top`` [S] (p_t >= 1/E, never underflowing) this is exact to rounding, and
     it reuses the softmax instead of a second exp pass over [S, E] (2-3x faster on the CPU)."""
+    if logits.shape[0] == 0:  # no tokens: 0, with the graph intact
+        return logits.sum()
     top = top[:, None]  # [S, 1]
     lse = logits.gather(1, top) - probs.gather(1, top).log()  # [S, 1]
     return lse.square().mean()

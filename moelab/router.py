@@ -47,7 +47,9 @@ class RouterConfig(Config):
                        "top2gating, k > 2 its topkgating", low=1, label="k (experts/token)")
     capacity_factor: float = option(
         1.0, "C = max(ceil(S/E · capacity_factor · k), min_capacity) slots per expert while "
-             "training", above=0, label="capacity factor")
+             "training; S is the tokens routed together (under expert parallelism, this "
+             "rank's: each rank computes its own C, as DeepSpeed does)", above=0,
+        label="capacity factor")
     eval_capacity_factor: float | None = option(
         None, "the capacity factor in eval (DeepSpeed's pair); None = capacity_factor",
         kind="float", above=0)
@@ -116,12 +118,13 @@ class RouterConfig(Config):
 # ------------------------------------------------------------------------------ checks
 
 def check_logits(logits) -> None:
-    """A 2-D floating-point [S, E] tensor with at least one token and expert, all finite."""
+    """A 2-D floating-point [S, E] tensor with at least one expert, all finite. S may be 0 (an
+    expert-parallel rank without tokens still takes part in the exchange)."""
     if not isinstance(logits, Tensor) or logits.dim() != 2:
         shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
         raise ValueError(f"logits must be a 2-D tensor [tokens, experts]; got {shape}")
-    if logits.shape[0] < 1 or logits.shape[1] < 1:
-        raise ValueError(f"logits must hold at least one token and one expert; got shape "
+    if logits.shape[1] < 1:
+        raise ValueError(f"logits must hold at least one expert; got shape "
                          f"{tuple(logits.shape)}")
     if not logits.is_floating_point():
         raise ValueError(f"logits must be floating point; got {logits.dtype}")
@@ -244,9 +247,10 @@ def assign_slots(expert: Tensor, probs: Tensor, capacity: int | None, config: Ro
         # overflows. moelab uses RTS only while training, keeping eval deterministic.
         priority = torch.rand(flat_expert.shape, device=expert.device, generator=generator)
     elif capacity is not None and config.drop_policy == "probs":
-        # DeepSpeed: topkgating's 'probs' ranks *raw logits* scattered into zeros, so tokens
-        # with negative logits lose their slots to tokens that never chose the expert.
-        # moelab ranks the chosen routes by their router probability.
+        # Per expert, the chosen routes with the highest router probability keep their slots.
+        # DeepSpeed 0.19.8's topkgating ranks the same numbers (its top-k softmax gates
+        # scattered into zeros, so an unchosen route never outranks a chosen one; checked
+        # against its outputs). An earlier DeepSpeed (the 2025-02 snapshot) ranked raw logits.
         chosen_probs = probs.detach().gather(1, expert)  # [S, k]
         priority = (chosen_probs.t() if k == 2 else chosen_probs).reshape(-1)
     # "position" (priority None): the route order itself. DeepSpeed: top-1 without RTS keeps by
@@ -336,7 +340,10 @@ class Router(nn.Module):
     float32 for half-precision inputs, as in DeepSpeed (float64 stays float64).
 
     With ``bias_update_rate > 0`` (DeepSeek-V3's auxiliary-loss-free balancing) the router keeps
-    a per-expert ``selection_bias`` buffer and updates it after each training step's routing.
+    a per-expert ``selection_bias`` buffer and updates it after each training step's routing,
+    from the load of the whole batch: ``reduce_load`` (set by `moelab.parallel.parallelize`)
+    sums the counts over the data-parallel ranks that share this router first, so every rank
+    (and a checkpoint) holds the one-process value.
     ``fused_gate``: set by an MoE layer whose backend is "triton" (the router itself never
     imports Triton); used in eval where `fused_eligible` says it gives route's answer.
     """
@@ -349,6 +356,7 @@ class Router(nn.Module):
         self.config = resolve(RouterConfig, config, options)
         self.generator = generator
         self.fused_gate: FusedGate | None = None
+        self.reduce_load: Callable[[Tensor], Tensor] | None = None  # [E] -> [E], summed
         # The gate weight W_g [E, d] (nn.Linear(d, E, bias=False) layout and init).
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
@@ -399,7 +407,9 @@ class Router(nn.Module):
         routing = route(logits, config, training=self.training, generator=self.generator,
                         selection_bias=self.selection_bias if aux_free else None)
         if aux_free and self.training:
-            self.update_selection_bias(routing.counts)
+            counts = routing.counts if self.reduce_load is None else self.reduce_load(
+                routing.counts)
+            self.update_selection_bias(counts)
         return routing
 
     @torch.no_grad()

@@ -144,7 +144,9 @@ class Routing:
     @property
     def drop_fraction(self) -> float:
         """Fraction of requested routes that were dropped (for expert choice: of tokens that no
-        expert picked)."""
+        expert picked); 0 without tokens."""
+        if self.num_tokens == 0:
+            return 0.0
         if self.expert_choice:
             return float((~self.kept.any(dim=1)).float().mean().item())
         return float((~self.kept).float().mean().item())
@@ -154,8 +156,9 @@ class Routing:
         kind = ", expert choice" if self.expert_choice else ""
         return (f"Routing(tokens={self.num_tokens}, experts={self.num_experts}, k={self.k}, "
                 f"{capacity}{kind}, counts={self.counts.tolist()}, "
-                f"dropped={self.drop_fraction:.1%}, aux_loss={float(self.aux_loss):.4f}, "
-                f"z_loss={float(self.z_loss):.4f})")
+                f"dropped={self.drop_fraction:.1%}, "
+                f"aux_loss={float(self.aux_loss.detach()):.4f}, "
+                f"z_loss={float(self.z_loss.detach()):.4f})")
 
     def detach(self) -> Routing:
         """A copy holding no autograd graph (for views and metric histories)."""
@@ -171,6 +174,10 @@ def expert_capacity(
     num_tokens: int, num_experts: int, capacity_factor: float, k: int = 1, min_capacity: int = 4
 ) -> int:
     """Slots per expert: C = max(ceil(S / E · cf · k), min_capacity).
+
+    S is the number of tokens *routed together*: under expert parallelism each rank computes its
+    own C from its own token count (as DeepSpeed does), so ranks with more tokens give every
+    expert more slots.
 
     DeepSpeed evaluates ``ceil((S / E) * cf)`` on a float32 tensor (``_capacity``); doing the same
     float32 arithmetic here keeps C identical at the rounding edges (e.g. S/E · cf = 4.0000001).
@@ -203,6 +210,8 @@ def rank_within_expert(expert: Tensor, num_experts: int) -> tuple[Tensor, Tensor
     the [R, E + 1] one-hot mask when that is small, else with one stable sort (no R·E work).
     """
     groups = num_experts + 1
+    if expert.numel() == 0:  # no routes (a rank without tokens): no ranks, zero counts
+        return torch.empty_like(expert), expert.new_zeros(groups)
     if expert.numel() * groups <= ONE_HOT_RANK_MAX_CELLS:
         # mask[r, e] = 1 if route r goes to e (a scatter: unlike F.one_hot, no device wait)
         mask = torch.zeros(expert.numel(), groups, dtype=torch.long, device=expert.device)

@@ -4,6 +4,7 @@ per-step metrics history that views subscribe to, and bit-identical checkpoint r
 from __future__ import annotations
 
 import math
+import pickle
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -206,7 +207,15 @@ class Trainer:
     def load(self, path: str | Path) -> None:
         """Restore model, optimizer, step, history and every RNG: the run continues exactly as
         if it had never stopped."""
-        state = torch.load(path, weights_only=False)
+        try:
+            state = torch.load(path, weights_only=False)
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
+            raise ValueError(f"could not read the checkpoint {path}: {error}. The file may be "
+                             "truncated (a save that did not finish) or not a moelab Trainer "
+                             "checkpoint") from None
+        if not isinstance(state, dict) or not {"model", "optimizer", "model_config"} <= set(state):
+            raise ValueError(f"{path} is not a moelab Trainer checkpoint (Trainer.save writes "
+                             "'model', 'optimizer', 'model_config', ...)")
         if type(self.model.config).from_dict(state["model_config"]) != self.model.config:
             raise ValueError("checkpoint was saved from a different model config; build the "
                              "model from the checkpoint's 'model_config'")

@@ -47,3 +47,11 @@ def mismatched_layers():
     from moelab.parallel import parallelize
 
     return parallelize(MoE(8, 16 + dist.get_rank(), 4), ep_size=2)
+
+
+def tp_coordinated_dropless():
+    from moelab import MoE
+    from moelab.parallel import parallelize
+
+    return parallelize(MoE(8, 16, 4, drop_tokens=False), ep_size=1,
+                       exchange="tp_coordinated", tp_size=2)

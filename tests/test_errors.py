@@ -39,7 +39,7 @@ def test_route_rejects_non_finite_logits(bad):
 
 @pytest.mark.parametrize("logits,match", [
     (torch.randn(8), "2-D tensor"), (torch.randn(2, 3, 4), "2-D tensor"),
-    (torch.zeros(0, 4), "at least one token"), (torch.ones(3, 4, dtype=torch.long), "floating"),
+    (torch.zeros(3, 0), "at least one expert"), (torch.ones(3, 4, dtype=torch.long), "floating"),
 ])
 def test_route_rejects_bad_logits(logits, match):
     with pytest.raises(ValueError, match=match):
@@ -97,3 +97,24 @@ def test_experts_check_their_input():
         experts(torch.randn(3, 2, 8))
     with pytest.raises(ValueError, match="offsets must have shape"):
         experts.forward_packed(torch.randn(5, 8), torch.tensor([0, 5]))
+
+
+@pytest.mark.parametrize("x,match", [
+    (torch.ones(3, 16, dtype=torch.long), "must be floating point .* token ids go through"),
+    (torch.ones(3, 16, dtype=torch.bool), "must be floating point"),
+    (torch.tensor(1.0), r"last dim must be d_model=16; got shape \(\)"),
+    ([[0.0] * 16], r"must be a tensor \[..., d_model=16\]; got list"),
+])
+def test_moe_says_what_its_input_must_be(x, match):
+    with pytest.raises(ValueError, match=match):
+        MoE(16, 32, 4)(x)
+
+
+def test_moe_with_no_tokens_returns_an_empty_output():
+    for drop_tokens in (True, False):
+        layer = MoE(16, 32, 4, k=2, drop_tokens=drop_tokens)
+        x = torch.zeros(0, 16, requires_grad=True)
+        y, routing = layer(x)
+        assert y.shape == (0, 16) and routing.num_tokens == 0 and routing.drop_fraction == 0.0
+        assert routing.counts.tolist() == [0, 0, 0, 0] and float(routing.aux_loss.detach()) == 0.0
+        y.sum().backward()

@@ -117,3 +117,19 @@ def test_layers_without_an_hf_equivalent_are_refused(kwargs, message):
 def test_from_hf_refuses_other_modules():
     with pytest.raises(ValueError, match="MixtralSparseMoeBlock"):
         from_hf(torch.nn.Linear(4, 4))
+
+
+def test_a_mixtral_block_with_router_jitter_is_refused_not_converted_approximately():
+    config = transformers.MixtralConfig(hidden_size=D, intermediate_size=24, num_local_experts=4,
+                                        num_experts_per_tok=2, router_jitter_noise=0.1)
+    config._experts_implementation = "eager"
+    with pytest.raises(ValueError, match=r"router_jitter_noise=0.1.*router \*and the experts\*"):
+        from_hf(_init(MixtralSparseMoeBlock(config)))
+
+
+def test_a_block_whose_weights_do_not_fit_together_is_named():
+    block = mixtral()
+    with torch.no_grad():
+        block.experts.down_proj = torch.nn.Parameter(torch.zeros(4, D, 20))  # f 20, not 24
+    with pytest.raises(ValueError, match=r"do not fit together: .*down_proj \(4, 16, 20\)"):
+        from_hf(block)

@@ -116,9 +116,11 @@ def test_a_failing_rank_ends_the_run_fast_with_its_traceback():
     assert leftovers == []
 
 
-def test_a_hung_collective_ends_at_the_timeout_naming_it():
-    with pytest.raises(RankError, match=r"moelab collective: all_reduce \(test\)"):
-        run("dist_targets:hang_in_collective", 2, timeout=5)
+def test_a_hung_collective_ends_at_the_collective_timeout_naming_it_and_the_absent_rank():
+    with pytest.raises(RankError, match=r"rank 1 did not arrive at all_reduce \(test\)") as info:
+        launch("dist_targets:hang_in_collective", nprocs=2, timeout=60, collective_timeout=3,
+               quiet=True, env=ENV)
+    assert info.value.rank == 1 and info.value.operation == "all_reduce (test)"
 
 
 def test_bad_input_fails_clearly_without_hanging():
@@ -138,6 +140,28 @@ def test_bad_input_fails_clearly_without_hanging():
         run("dist_targets:bad_ep_size", 2, timeout=60)
     with pytest.raises(RankError, match="ranks built MoE layers with different configs"):
         run("dist_targets:mismatched_layers", 2, timeout=60)
+    with pytest.raises(RankError, match="dropless routing has no capacity"):
+        run("dist_targets:tp_coordinated_dropless", 2, timeout=60)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 0, -5, True])
+def test_launch_refuses_a_bad_timeout_at_the_call(value):
+    with pytest.raises(ValueError, match="timeout"):
+        launch("dist_targets:hello", nprocs=2, timeout=value)
+    with pytest.raises(ValueError, match="collective_timeout"):
+        launch("dist_targets:hello", nprocs=2, collective_timeout=value)
+    with pytest.raises(ValueError, match=r"collective_timeout \(seconds\) must be a finite number "
+                                         r"in \(0, 10\]"):
+        launch("dist_targets:hello", nprocs=2, timeout=10, collective_timeout=20)
+
+
+def test_launch_says_which_argument_cannot_be_sent_to_the_ranks():
+    import threading
+
+    with pytest.raises(ValueError, match=r"args\[1\] \(lock\) cannot be sent to the ranks"):
+        launch("dist_targets:hello", nprocs=2, args=(1, threading.Lock()))
+    with pytest.raises(ValueError, match=r"kwargs\['f'\] \(function\) cannot be sent"):
+        launch("dist_targets:hello", nprocs=2, kwargs={"f": lambda: 0})
 
 
 def test_layouts_and_message_formulas():
@@ -159,3 +183,12 @@ def test_torchrun_command_for_several_nodes():
     assert command.startswith("torchrun --nnodes=2 --nproc-per-node=8 --node-rank=$NODE_RANK")
     assert f"-m moelab.parallel.worker --target {CHECKS}ep_equivalence" in command
     assert sys.executable  # the command uses torchrun from the same environment
+
+
+@pytest.mark.parametrize("nprocs,ep_size", [(2, 2), (4, 4), (2, 1)])
+def test_aux_free_bias_follows_the_whole_batch_on_every_rank(nprocs, ep_size):
+    results = run(CHECKS + "aux_free_bias_equivalence", nprocs, ep_size)
+    for result in results:
+        assert result["differences"] == [0.0] * 4, result
+        assert result["spread"] == 0.0 and result["checkpoint"] == 0.0
+    assert max(abs(b) for b in results[0]["bias"]) > 0  # the bias moved

@@ -285,3 +285,26 @@ def test_router_routes_in_float32():
     router = Router(8, 4).to(torch.float16)
     routing = router(torch.randn(6, 8, dtype=torch.float16))
     assert routing.probs.dtype == torch.float32
+
+
+@pytest.mark.parametrize("k", [3, 4])
+def test_probs_drop_policy_keeps_the_routes_deepspeed_keeps(k, monkeypatch):
+    """DeepSpeed's topkgating (k > 2, 'probs' policy) against route(): the same kept routes,
+    including routes whose chosen logit is negative (an older DeepSpeed ranked raw logits and
+    dropped those first)."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    sharded_moe = pytest.importorskip("deepspeed.moe.sharded_moe",
+                                      reason="DeepSpeed is in the 'peers' extra")
+    negative_kept = 0
+    for seed in range(10):
+        logits = random_logits(seed, 30, 6)
+        *_, dispatch_mask, _ = sharded_moe.topkgating(logits, k, 0.5, 1, drop_tokens=True,
+                                                      drop_policy="probs")
+        routing = route(logits, k=k, capacity_factor=0.5, min_capacity=1, drop_policy="probs",
+                        training=False)
+        kept = torch.zeros(30, 6, dtype=torch.bool)
+        kept[torch.arange(30)[:, None].expand(-1, k)[routing.kept], routing.expert[routing.kept]] \
+            = True
+        assert torch.equal(dispatch_mask.any(-1), kept)
+        negative_kept += int((kept & (logits < 0)).sum())
+    assert negative_kept > 0

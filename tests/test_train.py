@@ -109,3 +109,14 @@ def test_lr_schedule_warmup_then_cosine(corpus):
     assert lrs[0] == pytest.approx(3e-3 / 5) and lrs[4] == pytest.approx(3e-3)
     assert lrs[-1] > trainer.lr_at(25) == pytest.approx(3e-4)  # reaches lr/10 at the end
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:], strict=False))
+
+
+def test_a_truncated_checkpoint_says_what_is_wrong(corpus, tmp_path):
+    trainer = make_trainer(corpus, steps=1)
+    path = trainer.save(tmp_path / "a.pt")
+    path.write_bytes(path.read_bytes()[:200])  # a save that did not finish
+    with pytest.raises(ValueError, match="could not read the checkpoint .*truncated"):
+        trainer.load(path)
+    torch.save({"weights": 1}, path)
+    with pytest.raises(ValueError, match="not a moelab Trainer checkpoint"):
+        trainer.load(path)

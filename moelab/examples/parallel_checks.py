@@ -87,7 +87,7 @@ def ep_equivalence(cases: list[dict], ep_size: int, d_model: int = 8, d_ff: int 
         ref, par = outputs["reference"], outputs["parallel"]
         results.append({
             "case": {**case, **plan}, "rank": rank, "world": world,
-            "tokens": num_tokens, "load": ref[4].load.tolist(),
+            "tokens": num_tokens, "capacity": par[4].capacity, "load": ref[4].load.tolist(),
             "y": _max_error(ref[0], par[0]), "x_grad": _max_error(ref[1], par[1]),
             "router_grad": _max_error(ref[2], par[2]), "expert_grad": expert_error,
             "scale": float(ref[0].abs().max()),
@@ -170,3 +170,34 @@ def reshard_roundtrip(sizes: tuple[int, ...] = (4, 2, 1, 4), steps: int = 2) -> 
         with torch.no_grad():
             out["next_step_loss"].append(float(model.eval()(*probe).loss))
     return out
+
+
+def aux_free_bias_equivalence(ep_size: int, steps: int = 4, num_experts: int = 4,
+                              d_model: int = 8, seed: int = 0) -> dict:
+    """The auxiliary-loss-free bias under expert (or, at ep_size 1, data) parallelism against
+    one process that routes every rank's tokens together: after each training step's routing
+    the bias is updated from the load of the whole batch, so every rank holds the one-process
+    bias, and so does the checkpoint. Returns the largest bias difference after each step, the
+    ranks' spread, and the checkpoint's difference."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    options = dict(k=2, drop_tokens=False, bias_update_rate=0.05, second_expert_sampling=False)
+    torch.manual_seed(seed)
+    reference = MoE(d_model, 2 * d_model, num_experts, **options).train()
+    with torch.no_grad():  # a router that prefers expert 0, so the bias has work to do
+        reference.router.weight[0] += 1.0
+    layer = parallelize(copy.deepcopy(reference), ep_size=ep_size)
+    differences = []
+    for step in range(steps):
+        batches = [torch.randn(5 + r, d_model, generator=torch.Generator().manual_seed(
+            100 * step + r)).abs() for r in range(world)]
+        reference(torch.cat(batches))  # one process, every rank's tokens
+        layer(batches[rank])
+        differences.append(float((layer.router.selection_bias
+                                  - reference.router.selection_bias).abs().max()))
+    everyone = [torch.empty_like(layer.router.selection_bias) for _ in range(world)]
+    dist.all_gather(everyone, layer.router.selection_bias)
+    saved = full_state_dict(layer)["model"]["router.selection_bias"]
+    return {"differences": differences,
+            "spread": float(torch.stack(everyone).std(0).max()) if world > 1 else 0.0,
+            "checkpoint": float((saved - reference.router.selection_bias).abs().max()),
+            "bias": reference.router.selection_bias.tolist()}

@@ -93,6 +93,15 @@ def _hierarchical(x: Tensor, rows: Tensor, rank: int, node_size: int, intra_grou
     return _all_to_all(x, send, recv, inter_group, "all_to_all (hierarchical, inter-node)")
 
 
+def in_graph(x: Tensor) -> Tensor:
+    """x, made part of the autograd graph when gradients are on. Every rank must run every
+    exchange's backward (it is a collective), also a rank whose rows need no gradient (no tokens,
+    frozen inputs): a leaf that requires grad keeps the exchange's backward in its graph."""
+    if torch.is_grad_enabled() and not x.requires_grad:
+        return x.detach().requires_grad_()
+    return x
+
+
 class _Exchange(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, rows, rank, plan, stats):
@@ -118,7 +127,7 @@ class Exchanger:
     inter_group: object = None
 
     def __call__(self, x: Tensor, rows: Tensor, stats: ExchangeStats | None = None) -> Tensor:
-        return _Exchange.apply(x, rows, self.rank, self._plan, stats)
+        return _Exchange.apply(in_graph(x), rows, self.rank, self._plan, stats)
 
     def _plan(self, x, rows, rank, stats):
         if self.node_size is None or self.node_size in (1, self.size):

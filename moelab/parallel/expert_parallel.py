@@ -32,7 +32,7 @@ from ..exchanges import EXCHANGES
 from ..experts import Experts
 from ..layer import MoE
 from ..routing import Routing
-from .alltoall import Exchanger, ExchangeStats, _permute_blocks, hierarchical_subgroups
+from .alltoall import Exchanger, ExchangeStats, _permute_blocks, hierarchical_subgroups, in_graph
 from .groups import check_ep_size, new_group
 from .tracing import operation
 
@@ -71,7 +71,9 @@ def parallelize(model: nn.Module, config: ParallelConfig | None = None, **option
 
     Collective: every rank calls it on the same model. Expert banks are replaced by this rank's
     slice (their current weights kept), so build the optimizer afterwards. Fails on every rank,
-    before any exchange, when the ranks' models or options differ.
+    before any exchange, when the ranks' models or options differ. Every router learns that it
+    is shared by all ranks (an aux-free bias is then updated from the whole batch's load), so
+    ``ep_size=1`` is plain data parallelism: the experts stay whole on every rank.
     """
     if not dist.is_initialized():
         raise RuntimeError("parallelize needs an initialised process group: run inside "
@@ -88,7 +90,7 @@ def parallelize(model: nn.Module, config: ParallelConfig | None = None, **option
                          f"{config.tp_size}")
     sizes = [min(ep_size, layer.num_experts) for layer in layers]
     for layer, size in zip(layers, sizes, strict=True):
-        if layer.parallel is not None:
+        if layer.parallel is not None or layer.router.reduce_load is not None:
             raise ValueError("this model is already parallelized: parallelize it once")
         check_ep_size(world, size, layer.num_experts)
         if config.exchange == "hierarchical" and not 1 < config.node_size < size:
@@ -105,12 +107,28 @@ def parallelize(model: nn.Module, config: ParallelConfig | None = None, **option
     _check_same_everywhere(config, layers)
     groups: dict[int, dict] = {}
     for layer, size in zip(layers, sizes, strict=True):
+        layer.router.reduce_load = SumOverRanks("all_reduce (aux-free bias load)")
+        if size == 1:  # data parallel only: every rank keeps every expert
+            continue
         if size not in groups:  # created in layer order: the same on every rank
             groups[size] = _build_groups(size, config)
         plan = ExpertParallel(layer.num_experts, size, groups[size], config)
         layer.experts = plan.slice(layer.experts)
         layer.choose_runner()
     return model
+
+
+class SumOverRanks:
+    """``reduce(t)``: t summed over every rank of the run (a copy; t is left alone)."""
+
+    def __init__(self, name: str, group=None) -> None:
+        self.name, self.group = name, group
+
+    def __call__(self, tensor: Tensor) -> Tensor:
+        total = tensor.clone()
+        with operation(self.name):
+            dist.all_reduce(total, group=self.group)
+        return total
 
 
 def _describe(config: ParallelConfig, layers: list[MoE]) -> dict:
@@ -246,7 +264,8 @@ class ExpertParallel:
         if padded != capacity:
             buffer = torch.cat([buffer, buffer.new_zeros(num_experts, padded - capacity, d)], 1)
         part = padded // lanes
-        mine = _DropSlots.apply(buffer, self.tp_rank, lanes, self.replica_group)  # [E, C/L, d]
+        mine = _DropSlots.apply(in_graph(buffer), self.tp_rank, lanes,
+                                self.replica_group)  # [E, C/L, d]
         rows = torch.full((num_experts,), part, dtype=torch.long)
         out = self._exchange_and_run(experts, mine.reshape(-1, d), rows)
         self.stats.add("all_gather (TP)", [1] * lanes, self.tp_rank,

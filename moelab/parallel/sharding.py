@@ -72,7 +72,16 @@ def full_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer | None = 
 def load_full_state_dict(model: nn.Module, state: dict,
                          optimizer: torch.optim.Optimizer | None = None) -> None:
     """Load a `full_state_dict` at this model's ep_size: each rank takes its experts' slice of
-    the weights and of the optimizer state."""
+    the weights and (with ``optimizer``) of the optimizer state."""
+    if not isinstance(state, dict) or "model" not in state:
+        keys = sorted(state)[:4] if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"load_full_state_dict takes what full_state_dict returns, a dict "
+                         f"{{'model': ..., 'optimizer': ...}}; got {keys}. For a plain "
+                         f"state_dict, pass {{'model': state_dict}}")
+    if optimizer is not None and "optimizer" not in state:
+        raise ValueError("an optimizer was given but the checkpoint holds no optimizer state "
+                         "(it was saved with full_state_dict(model) alone): save it with "
+                         "full_state_dict(model, optimizer), or load with optimizer=None")
     plans = _expert_plans(model)
     local = {}
     for name, tensor in state["model"].items():
@@ -80,10 +89,19 @@ def load_full_state_dict(model: nn.Module, state: dict,
             tensor = local_slice(tensor, plans[name])
         local[name] = tensor
     model.load_state_dict(local)
-    if optimizer is None or "optimizer" not in state:
+    if optimizer is None:
         return
+    saved_groups = state["optimizer"]["groups"]
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise ValueError(f"the optimizer has {len(optimizer.param_groups)} parameter groups and "
+                         f"the checkpoint {len(saved_groups)}: build the optimizer as the saved "
+                         f"one was (e.g. moelab.train.param_groups(model, weight_decay))")
     named = dict(model.named_parameters())
-    for group, saved in zip(optimizer.param_groups, state["optimizer"]["groups"], strict=True):
+    unknown = sorted(set(state["optimizer"]["state"]) - set(named))
+    if unknown:
+        raise ValueError(f"the checkpoint's optimizer state names parameters this model does not "
+                         f"have: {unknown[:4]}")
+    for group, saved in zip(optimizer.param_groups, saved_groups, strict=True):
         group.update({k: v for k, v in saved.items() if k in group})
     for name, entry in state["optimizer"]["state"].items():
         param = named[name]

@@ -32,13 +32,25 @@ def _split(model: nn.Module):
 
 def sync_gradients(model: nn.Module) -> None:
     """Average gradients across ranks: shared over everyone, experts over their EDP group."""
+    sync_shared_gradients(model)
+    sync_expert_gradients(model)
+
+
+def sync_shared_gradients(model: nn.Module) -> None:
+    """The shared (non-expert) parameters' gradients, averaged over all W ranks."""
     world = dist.get_world_size()
-    shared, experts = _split(model)
+    shared, _ = _split(model)
     with operation("all_reduce (shared gradients)"):
         for param in shared:
             if param.grad is not None:
                 dist.all_reduce(param.grad)
                 param.grad /= world
+
+
+def sync_expert_gradients(model: nn.Module) -> None:
+    """Each expert's gradients, summed over its expert-data-parallel group and divided by W."""
+    world = dist.get_world_size()
+    _, experts = _split(model)
     with operation("all_reduce (expert gradients over the expert-data-parallel group)"):
         for param, parallel in experts:
             if param.grad is None:
