@@ -39,6 +39,8 @@ def check_backend(backend: str) -> None:
 def _num_rows(routing: Routing) -> int:
     if routing.capacity is not None:
         return routing.num_experts * routing.capacity
+    if not routing.expert_choice:  # dropless token choice: one row per route, every route kept
+        return routing.expert.numel()
     return int(routing.offsets[-1])
 
 
@@ -53,7 +55,7 @@ def _source_token(routing: Routing, num_rows: int) -> Tensor:
     """[rows] long: the token that fills each buffer row, S (a padding index) for empty rows."""
     num_tokens, k = routing.expert.shape
     rows = routing.row.reshape(-1)  # [S·k]: each route's buffer row, -1 where dropped
-    token = torch.arange(num_tokens, device=rows.device)[:, None].expand(-1, k).reshape(-1)
+    token = torch.arange(num_tokens * k, device=rows.device) // k  # [S·k]: each route's token
     if _every_row_filled(routing, num_rows):
         return torch.empty_like(rows).scatter_(0, rows, token)
     # source[row] = token for kept routes; dropped routes all write the extra last row, which is
@@ -85,15 +87,25 @@ def _zero_rows_(buffer: Tensor, rows: Tensor) -> Tensor:
     return buffer.masked_fill_(rows[:, None], 0)
 
 
+#: Up to this many tokens the inference combine gathers all k routes at once (fewer ops: what a
+#: decode step pays for); above it, it accumulates route by route in one [S, d] buffer.
+SMALL_COMBINE_TOKENS = 64
+
+
 def _combine_index(expert_out: Tensor, routing: Routing) -> Tensor:
     num_tokens, k = routing.expert.shape
-    flat_out = expert_out.reshape(-1, expert_out.shape[-1])  # [rows, d]
-    rows = routing.row.clamp(min=0)  # [S, k]: each route's buffer row
+    flat_out = expert_out if expert_out.dim() == 2 else expert_out.view(-1, expert_out.shape[-1])
+    dropless = routing.capacity is None and not routing.expert_choice
+    rows = routing.row if dropless else routing.row.clamp(min=0)  # [S, k]: each route's row
     # Dropped routes read row 0 with weight 0, so they add nothing (and get no gradient).
-    weight = routing.weight.to(expert_out.dtype)  # [S, k]
-    if not (torch.is_grad_enabled() and (expert_out.requires_grad or weight.requires_grad)):
-        # Inference: y = Σ_j w_j · out[row_j], accumulated in place in one [S, d] buffer (no
-        # [S·k, d] temporary, no batched matmul of S 1×k by k×d products).
+    weight = routing.weight  # [S, k]
+    if weight.dtype != expert_out.dtype:
+        weight = weight.to(expert_out.dtype)
+    inference = not (torch.is_grad_enabled() and (expert_out.requires_grad or
+                                                  weight.requires_grad))
+    if inference and num_tokens > SMALL_COMBINE_TOKENS:
+        # y = Σ_j w_j · out[row_j], accumulated in place in one [S, d] buffer (no [S·k, d]
+        # temporary, no batched matmul of S 1×k by k×d products).
         y = flat_out.index_select(0, rows[:, 0]).mul_(weight[:, :1])  # [S, d]
         for j in range(1, k):
             y.addcmul_(flat_out.index_select(0, rows[:, j]), weight[:, j:j + 1])

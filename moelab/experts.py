@@ -1,8 +1,10 @@
-"""Experts: E feed-forward networks held as one weight bank and run as one batched matmul.
+"""Experts: E feed-forward networks held as one weight bank [E, ...] per matrix.
 
 DeepSpeed keeps a ModuleList of deep copies of one expert and loops over it; moelab keeps each
-matrix as a single [E, ...] tensor so that all experts run in one ``baddbmm`` per matrix (the same
-shape the grouped GEMM kernels and the expert-parallel sharding use: slice dim 0).
+matrix as a single [E, ...] tensor (the shape the grouped GEMM kernels and the expert-parallel
+sharding use: slice dim 0). How the bank runs depends on the layout and the load
+(`Experts.path`): one batched matmul per matrix over the capacity layout, torch's grouped GEMM
+over the packed rows, and only the experts that have rows when few do (decode).
 """
 
 from __future__ import annotations
@@ -38,6 +40,40 @@ def activate(h: Tensor, activation: str, inplace: bool = False) -> Tensor:
 #: Inference runs the experts in groups whose hidden activations [G, C, f] fit in about this many
 #: bytes, so the second matmul reads them from cache instead of memory.
 HIDDEN_GROUP_BYTES = 8 << 20
+#: The dtypes torch.nn.functional.grouped_mm takes (it has no float64).
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _needs_grad(x: Tensor, weight: Tensor) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+
+
+def _static() -> bool:
+    """Inside a CUDA graph capture or a torch.compile trace: no waiting for the device, no
+    shapes from the data."""
+    return torch.compiler.is_compiling() or (torch.cuda.is_available()
+                                             and torch.cuda.is_current_stream_capturing())
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient: grouped_mm's backward refuses
+    an expanded one ("Invalid strides/sizes"), as the gradient of a sum is."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def _contiguous_grad(x: Tensor) -> Tensor:
+    return _ContiguousGrad.apply(x) if x.requires_grad else x
 
 
 class Experts(nn.Module):
@@ -79,19 +115,65 @@ class Experts(nn.Module):
             if bias is not None:
                 bias.uniform_(-bound, bound)
 
-    def forward(self, x: Tensor, offsets: Tensor | None = None) -> Tensor:
-        """[E, C, d] -> [E, C, d]: expert e runs on x[e]. With ``offsets`` [E + 1], x is the
-        packed [N, d] instead (see `forward_packed`); both go through this module call, so hooks
-        on the bank (the latency profiler's) see every expert FFN."""
-        if offsets is not None:
-            return self._forward_packed(x, offsets)
-        return self._forward_bank(x)
+    def forward(self, x: Tensor, offsets: Tensor | None = None, load: Tensor | None = None
+                ) -> Tensor:
+        """The expert FFNs over a dispatched buffer, in its layout:
 
-    def _forward_bank(self, x: Tensor) -> Tensor:
+        - capacity layout [E, C, d] -> [E, C, d]: expert e runs on x[e]. With ``load`` [E]
+          (rows in use per expert, ``Routing.load``), experts without rows do no work and
+          their output rows are 0 (the combine never reads them);
+        - packed [N, d] with ``offsets`` [E + 1] -> [N, d]: expert e owns rows
+          offsets[e]:offsets[e+1] (``load``, if given, is offsets' differences, already known).
+
+        `path` says which code runs; every path gives the same numbers. Both layouts go through
+        this module call, so hooks on the bank (the latency profiler's) see every expert FFN."""
+        if offsets is not None:
+            return self._forward_packed(x, offsets, load)
         if x.dim() != 3 or x.shape[0] != self.num_experts or x.shape[2] != self.d_model:
             raise ValueError(f"Experts expects [num_experts={self.num_experts}, rows, "
                              f"d_model={self.d_model}]; got {tuple(x.shape)}")
-        if torch.is_grad_enabled() and (x.requires_grad or self.w_in.requires_grad):
+        if load is not None and not _static():
+            load_host = load.tolist()  # one wait for the device: which experts have rows
+            if self.path("capacity", load_host, x.dtype) == "segments":
+                return self._capacity_segments(x, load_host)
+        return self._forward_bank(x)
+
+    def forward_packed(self, x: Tensor, offsets: Tensor) -> Tensor:
+        """Packed rows [N, d], expert e owning rows offsets[e]:offsets[e+1] -> [N, d].
+
+        The same as ``experts(x, offsets)``."""
+        return self(x, offsets)
+
+    def path(self, layout: str, load: list[int], dtype: torch.dtype) -> str:
+        """Which code runs the experts for a layout ("capacity" or "packed") and the rows per
+        expert ``load``:
+
+        - "segments": when at most half the experts have rows (decode: a few tokens over many
+          experts), each of those runs on its own rows and the others' weights are never read;
+        - "bank" (capacity layout): every expert in one batched matmul per matrix;
+        - "grouped_mm" (packed layout): ``torch.nn.functional.grouped_mm`` over the packed rows,
+          no padding (float32, bfloat16, float16, with rows a multiple of 16 bytes wide);
+        - "padded" (packed layout otherwise: float64, which grouped_mm lacks, or odd widths):
+          every segment padded to the largest for one batched FFN.
+        """
+        active = sum(1 for rows in load if rows)
+        if active and 2 * active <= self.num_experts:
+            return "segments"
+        if layout == "capacity":
+            return "bank"
+        return "grouped_mm" if self._grouped_mm_takes(dtype) else "padded"
+
+    def _grouped_mm_takes(self, dtype: torch.dtype) -> bool:
+        """grouped_mm's limits: its dtypes, and row strides that are multiples of 16 bytes."""
+        size = torch.empty((), dtype=dtype).element_size()
+        widths = (self.d_model, self.d_ff, self.w_in.shape[2])
+        return dtype in GROUPED_MM_DTYPES and all(width * size % 16 == 0 for width in widths)
+
+    # ------------------------------------------------------------------------ the paths
+
+    def _forward_bank(self, x: Tensor) -> Tensor:
+        """[E, C, d] -> [E, C, d], every expert in one batched matmul per matrix."""
+        if _needs_grad(x, self.w_in):
             # h_e = act(x_e · W_in[e] + b_in[e])                                         [E, C, f]
             h = self._affine(x, self.w_in, self.b_in)
             # y_e = h_e · W_out[e] + b_out[e]                                            [E, C, d]
@@ -117,58 +199,107 @@ class Experts(nn.Module):
     @staticmethod
     def _affine(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor | None = None
                 ) -> Tensor:
-        weight = weight.to(x.dtype)
+        weight = _as(weight, x.dtype)
         if bias is None:
             return torch.bmm(x, weight, out=out)
-        return torch.baddbmm(bias.to(x.dtype)[:, None, :], x, weight, out=out)
+        return torch.baddbmm(_as(bias, x.dtype)[:, None, :], x, weight, out=out)
 
-    def forward_packed(self, x: Tensor, offsets: Tensor) -> Tensor:
-        """Packed rows [N, d], expert e owning rows offsets[e]:offsets[e+1] -> [N, d].
+    def _ffn(self, rows: Tensor, e: int, weights: tuple, out: Tensor | None = None) -> Tensor:
+        """Expert e on rows [n, d] -> [n, d] (2-D matmuls on views of the bank; ``weights`` is
+        the bank unbound per expert, `_unbound`). Without autograd the activation runs in place
+        and the output goes to ``out``."""
+        w_in, b_in, w_out, b_out = weights
+        inference = out is not None
+        # h = act(x · W_in[e] + b_in[e])                                                [n, f]
+        h = rows @ w_in[e] if b_in is None else torch.addmm(b_in[e], rows, w_in[e])
+        h = activate(h, self.activation, inplace=inference)
+        # y = h · W_out[e] + b_out[e]                                                   [n, d]
+        if b_out is None:
+            return torch.mm(h, w_out[e], out=out)
+        return torch.addmm(b_out[e], h, w_out[e], out=out)
 
-        The same as ``experts(x, offsets)``."""
-        return self(x, offsets)
+    def _unbound(self, dtype: torch.dtype) -> tuple:
+        """(w_in, b_in, w_out, b_out), each a tuple of E per-expert views (one op per matrix,
+        however many experts run)."""
+        return tuple(None if t is None else _as(t, dtype).unbind(0)
+                     for t in (self.w_in, self.b_in, self.w_out, self.b_out))
 
-    def _forward_packed(self, x: Tensor, offsets: Tensor) -> Tensor:
-        """Packed rows [N, d] -> [N, d].
+    def _capacity_segments(self, x: Tensor, load: list[int]) -> Tensor:
+        """[E, C, d] -> [E, C, d], running only the experts with rows, on their rows."""
+        weights = self._unbound(x.dtype)
+        if not _needs_grad(x, self.w_in):
+            y = x.new_zeros(x.shape)
+            for e, rows in enumerate(load):
+                if rows:
+                    self._ffn(x[e, :rows], e, weights, out=y[e, :rows])
+            return y
+        parts = []
+        for e, rows in enumerate(load):
+            part = x.new_zeros(x.shape[1], self.d_model)
+            if rows:
+                part = torch.cat([self._ffn(x[e, :rows], e, weights), part[rows:]])
+            parts.append(part)
+        return torch.stack(parts)
 
-        When at most half the experts have rows (decode: B tokens over many experts), each of
-        those runs on its own segment and the others' weights are never read. Otherwise every
-        segment is padded to the largest one ([E, max_rows, d]) for one batched FFN; the Triton
-        grouped GEMM (moelab.kernels) removes the padding.
-        """
+    def _forward_packed(self, x: Tensor, offsets: Tensor, load: Tensor | None) -> Tensor:
+        """Packed rows [N, d] -> [N, d] by `path`."""
         if offsets.shape != (self.num_experts + 1,):
             raise ValueError(f"offsets must have shape [num_experts + 1]=({self.num_experts + 1},)"
                              f"; got {tuple(offsets.shape)}")
-        num_rows = x.shape[0]
-        load = offsets[1:] - offsets[:-1]  # [E]
+        if load is None:
+            load = offsets[1:] - offsets[:-1]  # [E]
         load_host = load.tolist()  # one wait for the device: the shapes below depend on it
-        active = [e for e, rows in enumerate(load_host) if rows]
-        # (With no rows at all, the padded path still runs: an empty batched FFN that gives
-        # every weight a zero gradient, as expert-parallel ranks without tokens need.)
-        if active and 2 * len(active) <= self.num_experts:
-            starts = list(itertools.accumulate(load_host[:-1], initial=0))
-            return self._forward_segments(x, starts, load_host, active)
-        max_rows = max(load_host, default=0)
+        path = self.path("packed", load_host, x.dtype)
+        if path == "segments":
+            return self._packed_segments(x, load_host)
+        if path == "grouped_mm":
+            return self._packed_grouped_mm(x, offsets, load)
+        # (With no rows at all this still runs: an empty batched FFN that gives every weight a
+        # zero gradient, as expert-parallel ranks without tokens need.)
+        return self._packed_padded(x, offsets, load, load_host)
+
+    def _packed_segments(self, x: Tensor, load: list[int]) -> Tensor:
+        """Expert by expert over the experts that have rows (views of x and of the weights, no
+        copies); the outputs, in expert order, are the packed [N, d]."""
+        weights = self._unbound(x.dtype)
+        starts = itertools.accumulate(load, initial=0)
+        segments = [(e, start, rows) for e, (start, rows)
+                    in enumerate(zip(starts, load, strict=False)) if rows]  # (E + 1 starts)
+        if not _needs_grad(x, self.w_in):
+            y = x.new_empty(x.shape[0], self.d_model)  # [N, d]
+            for e, start, rows in segments:
+                self._ffn(x[start:start + rows], e, weights, out=y[start:start + rows])
+            return y
+        return torch.cat([self._ffn(x[start:start + rows], e, weights)
+                          for e, start, rows in segments])  # [N, d]
+
+    def _packed_grouped_mm(self, x: Tensor, offsets: Tensor, load: Tensor) -> Tensor:
+        """The packed rows through torch's grouped GEMM: expert e's rows times W_in[e], then
+        W_out[e], with no padding (each expert's bias added to its own rows)."""
+        ends = offsets[1:].to(torch.int32)  # [E]: where each expert's rows end
+        num_rows = x.shape[0]
+
+        def affine(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+            # rows_e · W[e] (+ b[e]) for every expert e at once                          [N, ·]
+            out = _contiguous_grad(F.grouped_mm(rows, _as(weight, rows.dtype), offs=ends))
+            if bias is None:
+                return out
+            return out + _as(bias, rows.dtype).repeat_interleave(load, dim=0,
+                                                                 output_size=num_rows)
+
+        h = activate(affine(x, self.w_in, self.b_in), self.activation)  # [N, f]
+        return affine(h, self.w_out, self.b_out)  # [N, d]
+
+    def _packed_padded(self, x: Tensor, offsets: Tensor, load: Tensor,
+                       load_host: list[int]) -> Tensor:
+        """Every segment padded to the largest ([E, max_rows, d]) for one batched FFN."""
+        num_rows, max_rows = x.shape[0], max(load_host, default=0)
         slot = torch.arange(max_rows, device=x.device)  # [M]
         valid = slot[None, :] < load[:, None]  # [E, M]
         source = torch.where(valid, offsets[:-1, None] + slot[None, :], num_rows)  # [E, M]
         padded = torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, source.reshape(-1))
         out = self._forward_bank(padded.view(self.num_experts, max_rows, x.shape[1]))
         return out.reshape(-1, out.shape[-1])[valid.reshape(-1)]  # [N, d]
-
-    def _forward_segments(self, x: Tensor, starts: list[int], load: list[int],
-                          active: list[int]) -> Tensor:
-        """Expert by expert over the experts that have rows (views of x and of the weights, no
-        copies); the outputs, concatenated in expert order, are the packed [N, d]."""
-        outputs = []
-        for e in active:
-            one = slice(e, e + 1)  # expert e as a bank of one
-            rows = x[None, starts[e]:starts[e] + load[e]]  # [1, n_e, d]
-            h = self._affine(rows, self.w_in[one], None if self.b_in is None else self.b_in[one])
-            y = self._affine(activate(h, self.activation), self.w_out[one],
-                             None if self.b_out is None else self.b_out[one])  # [1, n_e, d]
-            outputs.append(y[0])
-        return torch.cat(outputs)  # [N, d]
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, "

@@ -153,9 +153,12 @@ class MoE(nn.Module):
         self.runner = "parallel" if self.parallel is not None else "fused" if fused else "local"
 
     def _run_local(self, buffer: Tensor, routing: Routing) -> Tensor:
-        if routing.capacity is not None:
-            return self.experts(buffer)  # [E, C, d]
-        return self.experts(buffer, routing.offsets)  # packed [N, d]
+        if routing.capacity is None:
+            return self.experts(buffer, routing.offsets, load=routing.load)  # packed [N, d]
+        # Capacity layout [E, C, d]. When most slots are empty (decode: a few tokens, C from
+        # min_capacity), the load tells the bank which experts have rows, so only those run.
+        sparse = routing.capacity * routing.num_experts > 2 * routing.expert.numel()
+        return self.experts(buffer, load=routing.load if sparse else None)
 
     def _run_fused(self, tokens: Tensor, routing: Routing) -> Tensor:
         from .kernels.grouped_ffn import expert_ffn

@@ -173,7 +173,7 @@ def route(logits: Tensor, config: RouterConfig | None = None, *, training: bool 
                          f"got {tuple(selection_bias.shape)}")
     # DeepSpeed routes in float32 whatever the model dtype ("everything is in fp32"); moelab
     # routes in at least float32 (float64 stays float64, for gradcheck and references).
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logits = at_least_float32(logits)
 
     # probs = softmax(x · W_g) over experts                                         [S, E]
     probs = torch.softmax(logits, dim=-1)
@@ -193,7 +193,7 @@ def route(logits: Tensor, config: RouterConfig | None = None, *, training: bool 
         capacity = None
     slot, counts = assign_slots(expert, probs, capacity, config, training=training,
                                 generator=generator)
-    weight = combine_weights(probs, expert, slot, config.renormalize)
+    weight = combine_weights(probs, expert, slot, config.renormalize, dropless=capacity is None)
     return Routing(expert=expert, weight=weight, slot=slot, capacity=capacity, probs=probs,
                    counts=counts, aux_loss=aux, z_loss=z)
 
@@ -203,7 +203,7 @@ def choose_experts(logits: Tensor, top: Tensor, config: RouterConfig, *, trainin
                    selection_bias: Tensor | None = None) -> Tensor:
     """[S, E] logits -> [S, k] chosen experts (``top`` [S]: the argmax, already computed)."""
     k = config.k
-    scores = logits.detach()
+    scores = logits.detach() if logits.requires_grad else logits
     if selection_bias is not None:
         scores = scores + selection_bias.to(scores)
     first = top if selection_bias is None else torch.argmax(scores, dim=-1)  # [S]
@@ -261,6 +261,8 @@ def assign_slots(expert: Tensor, probs: Tensor, capacity: int | None, config: Ro
         rank, counts = rank_within_expert(flat_expert, num_experts)
         # the first C routes of each expert in route order keep their rank as their slot
         flat_slot = rank if capacity is None else torch.where(rank < capacity, rank, -1)
+        if k == 1:
+            return flat_slot[:, None], counts[:num_experts]
     else:
         # Sort by descending priority (stable, so ties keep route order), then rank by expert.
         by_priority = torch.argsort(priority, descending=True, stable=True)
@@ -276,12 +278,15 @@ def assign_slots(expert: Tensor, probs: Tensor, capacity: int | None, config: Ro
     return slot, counts[:num_experts]  # the last group held no routes here
 
 
-def combine_weights(probs: Tensor, expert: Tensor, slot: Tensor,
-                    renormalize: bool | None) -> Tensor:
+def combine_weights(probs: Tensor, expert: Tensor, slot: Tensor, renormalize: bool | None,
+                    dropless: bool = False) -> Tensor:
     """[S, k] combine weights: each kept route's router probability, renormalised over the
-    token's kept routes when ``renormalize`` (None: for k > 1, as DeepSpeed does)."""
+    token's kept routes when ``renormalize`` (None: for k > 1, as DeepSpeed does). ``dropless``:
+    every route is kept (no mask to apply)."""
     # g_j = probs[s, e_j] for kept routes, 0 for dropped ones                         [S, k]
-    gate = probs.gather(1, expert) * (slot >= 0)
+    gate = probs.gather(1, expert)
+    if not dropless:
+        gate = gate * (slot >= 0)
     if not (expert.shape[1] > 1 if renormalize is None else renormalize):
         return gate  # top-1: the raw softmax probability (Switch / DeepSpeed)
     # top-k: w_j = g_j / max(Σ_j g_j, eps) (DeepSpeed)
@@ -318,11 +323,17 @@ def gate_logits(x: Tensor, weight: Tensor, jitter: bool = False,
 
     jitter: Switch Transformer's / DeepSpeed's "Jitter", x · U(1 - ε, 1 + ε) with ε = 1e-2.
     """
-    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    x = at_least_float32(x)
     if jitter:
         noise = torch.rand(x.shape, device=x.device, generator=generator)
         x = x * (1 - JITTER_EPS + 2 * JITTER_EPS * noise)
-    return F.linear(x, weight.to(x.dtype))
+    return F.linear(x, weight if weight.dtype == x.dtype else weight.to(x.dtype))
+
+
+def at_least_float32(t: Tensor) -> Tensor:
+    """t in float32, or float64 if it is float64 (no op for either: a decode step is tens of
+    small ops, and each costs microseconds)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 #: A fused gate: ``gate(logits, config) -> Routing`` for an eval router that `fused_eligible`

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -114,6 +115,8 @@ class Routing:
     @computed_once
     def load(self) -> Tensor:
         """[E] long: routes each expert actually processes (after dropping)."""
+        if self.capacity is None and not self.expert_choice:
+            return self.counts  # dropless: every route asked for is kept
         # kept flags counted per expert (no selection whose size depends on the data)
         return count_per_expert(self.expert.reshape(-1).clamp_min(0), self.num_experts,
                                 self.kept.reshape(-1))
@@ -122,7 +125,7 @@ class Routing:
     def offsets(self) -> Tensor:
         """[E + 1] long: where each expert's rows start in the packed (dropless) layout; expert e
         owns rows offsets[e]:offsets[e + 1]."""
-        return torch.cat([self.load.new_zeros(1), torch.cumsum(self.load, 0)])
+        return F.pad(torch.cumsum(self.load, 0), (1, 0))
 
     @computed_once
     def row(self) -> Tensor:
@@ -132,6 +135,8 @@ class Routing:
             start = self.expert * self.capacity
         else:
             start = self.offsets[self.expert]
+            if not self.expert_choice:  # dropless: every slot is >= 0
+                return start + self.slot
         return torch.where(self.kept, start + self.slot, -1)
 
     @property
@@ -214,11 +219,12 @@ def rank_within_expert(expert: Tensor, num_experts: int) -> tuple[Tensor, Tensor
         return torch.empty_like(expert), expert.new_zeros(groups)
     if expert.numel() * groups <= ONE_HOT_RANK_MAX_CELLS:
         # mask[r, e] = 1 if route r goes to e (a scatter: unlike F.one_hot, no device wait)
+        column = expert[:, None]  # [R, 1]
         mask = torch.zeros(expert.numel(), groups, dtype=torch.long, device=expert.device)
-        prefix = mask.scatter_(1, expert[:, None], 1).cumsum(0)  # [R, E + 1]
+        prefix = mask.scatter_(1, column, 1).cumsum(0)  # [R, E + 1]
         # rank_r = sum_{r' <= r} mask[r', e_r] - 1; the last prefix row counts every route
-        rank = prefix.gather(1, expert[:, None]).squeeze(1) - 1
-        return rank, prefix[-1].clone()
+        rank = prefix.gather(1, column).view(-1).sub_(1)
+        return rank, prefix[-1]  # (a view: the prefix is at most 64K cells)
     order = torch.argsort(expert, stable=True)  # routes grouped by expert, original order inside
     counts = count_per_expert(expert, groups)  # [E + 1]
     starts = torch.cumsum(counts, 0) - counts  # [E + 1]: first sorted position of each expert

@@ -72,8 +72,12 @@ def test_routing_layout_tensors_are_computed_once_and_match_their_definitions(dr
             e, slot = int(routing.expert[s, j]), int(routing.slot[s, j])
             start = e * routing.capacity if drop_tokens else sum(load[:e])
             assert int(routing.row[s, j]) == (start + slot if slot >= 0 else -1)
-    dropped = dataclasses.replace(routing, slot=torch.full_like(routing.slot, -1))
-    assert dropped.load.tolist() == [0, 0, 0, 0] and bool((dropped.row == -1).all())
+    if drop_tokens:
+        dropped = dataclasses.replace(routing, slot=torch.full_like(routing.slot, -1))
+        assert dropped.load.tolist() == [0, 0, 0, 0] and bool((dropped.row == -1).all())
+    else:  # dropless: every route asked for is kept, so the load is the counts
+        moved = dataclasses.replace(routing, counts=routing.counts.flip(0))
+        assert moved.load.tolist() == routing.counts.flip(0).tolist()
 
 
 def test_losses_are_computed_on_first_read_when_no_gradient_needs_them():
