@@ -70,10 +70,18 @@ def _dispatch_index(x: Tensor, routing: Routing) -> Tensor:
     if x.shape[0] == 0:  # no tokens: every buffer row is empty
         return x.new_zeros(num_rows, x.shape[1])
     source = _source_token(routing, num_rows)  # [rows]
-    if _every_row_filled(routing, num_rows):
+    filled = _every_row_filled(routing, num_rows)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _IndexDispatch.apply(x, source, routing.row, filled)
+    return _gather_rows(x, source, filled)
+
+
+def _gather_rows(x: Tensor, source: Tensor, every_row_filled: bool) -> Tensor:
+    """buffer[row] = x[source[row]], and 0 for empty rows (source S)."""
+    if every_row_filled:
         return x.index_select(0, source)
     empty = source == x.shape[0]
-    # gather: buffer[row] = x[source[row]]; empty rows read token 0 and are zeroed in place.
+    # gather: empty rows read token 0 and are zeroed in place.
     buffer = x.index_select(0, torch.where(empty, 0, source))  # [rows, d]
     return _zero_rows_(buffer, empty)
 
@@ -87,6 +95,81 @@ def _zero_rows_(buffer: Tensor, rows: Tensor) -> Tensor:
     return buffer.masked_fill_(rows[:, None], 0)
 
 
+def _routes_of(rows: Tensor, flat: Tensor, all_kept: bool, zero_dropped: bool = False
+               ) -> Tensor:
+    """[S, k, d]: the rows of ``flat`` [rows, d] at each route (``all_kept``: no route was
+    dropped). A dropped route (row -1) reads row 0, which its zero weight cancels where one
+    follows; ``zero_dropped`` zeroes it instead."""
+    num_tokens, k = rows.shape
+    flat_rows = rows.reshape(-1) if all_kept else rows.clamp(min=0).reshape(-1)
+    gathered = flat.index_select(0, flat_rows)  # [S·k, d]
+    if zero_dropped and not all_kept:
+        _zero_rows_(gathered, rows.reshape(-1) < 0)
+    return gathered.view(num_tokens, k, -1)
+
+
+def _sum_routes(routes: Tensor, weight: Tensor | None = None) -> Tensor:
+    """[S, k, d] -> [S, d]: Σ_j (w_j ·) routes[:, j], as k - 1 fused multiply-adds on views
+    (a reduction over the middle axis, and its backward's expand, cost 2-3x more here)."""
+    y = routes[:, 0] if weight is None else routes[:, 0] * weight[:, :1]
+    for j in range(1, routes.shape[1]):
+        y = y + routes[:, j] if weight is None else torch.addcmul(y, routes[:, j],
+                                                                   weight[:, j:j + 1])
+    return y
+
+
+class _IndexDispatch(torch.autograd.Function):
+    """The mapping-table dispatch with its own backward. A token's gradient is the sum of its
+    routes' rows of the buffer's gradient: a gather and a k-term sum (the combine with weight
+    1), not the scatter-add that index_select's backward is (serial on the CPU: ~10x slower at
+    T=4096, d=256)."""
+
+    @staticmethod
+    def forward(ctx, x, source, rows, every_row_filled):
+        ctx.save_for_backward(rows)
+        ctx.all_kept = every_row_filled
+        return _gather_rows(x, source, every_row_filled)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (rows,) = ctx.saved_tensors
+        flat = grad.reshape(-1, grad.shape[-1])
+        # dL/dx_s = Σ_j dL/dbuffer[row(s, j)]                                            [S, d]
+        routes = _routes_of(rows, flat, ctx.all_kept, zero_dropped=True)
+        return _sum_routes(routes), None, None, None
+
+
+class _IndexCombine(torch.autograd.Function):
+    """y_s = Σ_j w_sj · out[row_sj] with its own backward. Every buffer row serves at most one
+    route, so the outputs' gradient is written, not accumulated: dL/dout[row_sj] = w_sj · dL/dy_s
+    (an index_put, ~10x faster on the CPU than index_select's scatter-add backward), and
+    dL/dw_sj = <dL/dy_s, out[row_sj]>."""
+
+    @staticmethod
+    def forward(ctx, flat_out, weight, rows, all_kept):
+        ctx.save_for_backward(flat_out, weight, rows)
+        ctx.all_kept = all_kept
+        return _sum_routes(_routes_of(rows, flat_out, all_kept), weight)  # [S, d]
+
+    @staticmethod
+    def backward(ctx, grad):
+        flat_out, weight, rows = ctx.saved_tensors
+        grad_out = grad_weight = None
+        if ctx.needs_input_grad[1]:
+            # dL/dw_sj = Σ_m dL/dy_sm · out[row_sj, m]                                    [S, k]
+            # (a dropped route's weight is 0 · p: whatever its gradient, p gets none of it)
+            grad_weight = (_routes_of(rows, flat_out, ctx.all_kept) * grad[:, None, :]).sum(-1)
+        if ctx.needs_input_grad[0]:
+            num_rows = flat_out.shape[0]
+            # dL/dout[row_sj] = w_sj · dL/dy_s; dropped routes write a spare last row      [rows, d]
+            contribution = weight[..., None] * grad[:, None, :]  # [S, k, d]
+            target = torch.where(rows >= 0, rows, num_rows).reshape(-1)
+            grad_out = grad.new_zeros(num_rows + 1, grad.shape[-1])
+            grad_out.index_put_((target,), contribution.reshape(-1, grad.shape[-1]))
+            grad_out = grad_out[:num_rows]
+        return grad_out, grad_weight, None, None
+
+
 #: Up to this many tokens the inference combine gathers all k routes at once (fewer ops: what a
 #: decode step pays for); above it, it accumulates route by route in one [S, d] buffer.
 SMALL_COMBINE_TOKENS = 64
@@ -95,15 +178,15 @@ SMALL_COMBINE_TOKENS = 64
 def _combine_index(expert_out: Tensor, routing: Routing) -> Tensor:
     num_tokens, k = routing.expert.shape
     flat_out = expert_out if expert_out.dim() == 2 else expert_out.view(-1, expert_out.shape[-1])
-    dropless = routing.capacity is None and not routing.expert_choice
-    rows = routing.row if dropless else routing.row.clamp(min=0)  # [S, k]: each route's row
-    # Dropped routes read row 0 with weight 0, so they add nothing (and get no gradient).
     weight = routing.weight  # [S, k]
     if weight.dtype != expert_out.dtype:
         weight = weight.to(expert_out.dtype)
-    inference = not (torch.is_grad_enabled() and (expert_out.requires_grad or
-                                                  weight.requires_grad))
-    if inference and num_tokens > SMALL_COMBINE_TOKENS:
+    dropless = routing.capacity is None and not routing.expert_choice
+    if torch.is_grad_enabled() and (expert_out.requires_grad or weight.requires_grad):
+        return _IndexCombine.apply(flat_out, weight, routing.row, dropless)
+    # Dropped routes read row 0 with weight 0, so they add nothing.
+    rows = routing.row if dropless else routing.row.clamp(min=0)  # [S, k]: each route's row
+    if num_tokens > SMALL_COMBINE_TOKENS:
         # y = Σ_j w_j · out[row_j], accumulated in place in one [S, d] buffer (no [S·k, d]
         # temporary, no batched matmul of S 1×k by k×d products).
         y = flat_out.index_select(0, rows[:, 0]).mul_(weight[:, :1])  # [S, d]

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from .config import check_int
 from .exchanges import check_exchange, hops
 from .model import PRESETS, GPTConfig, preset
-from .sizing import BYTES_PER_PARAM, ffn_params
+from .sizing import BYTES_PER_PARAM, PAPER_SIZES_B, ffn_params
 
 GB = 1e9
 
@@ -90,14 +90,15 @@ COMPONENT_LABELS = {
 }
 
 # §5.5 Table 6: the paper's name -> (moelab preset, the paper's MP = tensor-slicing degree,
-# the paper's size in billions). EP is 128 for all of them.
-TABLE6 = {
-    "1.3B+MoE-128": ("paper_1_3b_moe128", 1, 52.0),
-    "2.4B+MoE-128": ("serve_2_4b_moe128", 1, 107.7),
-    "8B+MoE-128": ("serve_8b_moe128", 4, 349.0),
-    "24B+MoE-128": ("serve_24b_moe128", 8, 1064.9),
-    "47B+MoE-128": ("serve_47b_moe128", 8, 2024.0),
-}
+# the published size in billions, from moelab.sizing.PAPER_SIZES with its source). EP is 128 for
+# all of them.
+TABLE6 = {name: (preset_name, mp, PAPER_SIZES_B[preset_name]) for name, preset_name, mp in (
+    ("1.3B+MoE-128", "paper_1_3b_moe128", 1),
+    ("2.4B+MoE-128", "serve_2_4b_moe128", 1),
+    ("8B+MoE-128", "serve_8b_moe128", 4),
+    ("24B+MoE-128", "serve_24b_moe128", 8),
+    ("47B+MoE-128", "serve_47b_moe128", 8),
+)}
 # §3 / Fig. 14: the dense model of equal quality (1.3B+MoE-128 matches 6.7B dense).
 DENSE_EQUIVALENT = {"1.3B+MoE-128": "paper_6_7b"}
 VARIANTS = ("moe", "pr_moe", "pr_moe_mos")

@@ -1,13 +1,22 @@
-"""JupyterLab in headless Chromium: open the tour, run all cells, see a plotly figure drawn.
+"""JupyterLab in headless Chromium: every notebook, run as a learner runs it, at two window sizes.
 
-This is the check that nbmake cannot make: that the widgets (ipywidgets, plotly's FigureWidget
-through anywidget) actually render in JupyterLab 4 in a real browser. It uses Debian's
+This is the check that nbclient cannot make: that the widgets (ipywidgets, plotly's FigureWidget
+through anywidget) actually render in JupyterLab 4 in a real browser, and that every figure fits
+the output area. Each notebook is opened in a 1366 x 768 window with the file browser open (the
+narrowest common laptop screen: the output area is then about 930 px wide) and in a 1920 x 1080
+one, then Run > Run All Cells; no cell may fail, every plot must draw its traces, and no figure
+may be wider than its output area (no horizontal scroll bar in any output). It uses Debian's
 ``/usr/bin/chromium`` (``.ci/run`` installs it) and never downloads a browser.
 
-The notebook's folder is copied to a temporary server root, so running it never writes outputs
-or checkpoints into the repository. ``MOELAB_BROWSER_NOTEBOOK`` may name another notebook (for
-developing this test); by default it is ``notebooks/00_tour.ipynb``. The screenshot lands in
-``build/browser_00_tour.png``.
+The notebooks' folder is copied to a temporary server root, so running them never writes
+outputs or checkpoints into the repository. The kernel runs with MOELAB_PRESET=smoke and
+MOELAB_SOLUTIONS=1 (the exercises' hidden solutions fill in the answers). Screenshots of every
+figure land in ``build/browser/<notebook>_<width>x<height>_<n>.png`` (and the whole window in
+``..._window.png``), to be looked at.
+
+For development: ``MOELAB_BROWSER_NOTEBOOKS=00_tour,03_pr_moe`` picks notebooks,
+``MOELAB_BROWSER_PRESET=laptop`` (or binder) runs them at another preset (slow: the laptop preset
+trains for minutes), ``MOELAB_BROWSER_SIZES=1366x768`` picks window sizes.
 """
 
 from __future__ import annotations
@@ -31,12 +40,18 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-BUILD = REPO / "build"
-NOTEBOOK = Path(os.environ.get("MOELAB_BROWSER_NOTEBOOK", REPO / "notebooks" / "00_tour.ipynb"))
-SCREENSHOT = BUILD / "browser_00_tour.png"
+BUILD = REPO / "build" / "browser"
+NOTEBOOK_DIR = REPO / "notebooks"
+_chosen = os.environ.get("MOELAB_BROWSER_NOTEBOOKS", "")
+NOTEBOOKS = ([NOTEBOOK_DIR / f"{name.strip().removesuffix('.ipynb')}.ipynb"
+              for name in _chosen.split(",") if name.strip()]
+             or sorted(NOTEBOOK_DIR.glob("*.ipynb")))
+PRESET = os.environ.get("MOELAB_BROWSER_PRESET", "smoke")
+SIZES = [tuple(int(v) for v in size.split("x"))
+         for size in os.environ.get("MOELAB_BROWSER_SIZES", "1366x768,1920x1080").split(",")]
 
 SERVER_START_TIMEOUT_S = 60
-RUN_TIMEOUT_S = 180
+RUN_TIMEOUT_S = 240 if PRESET == "smoke" else 1500
 
 CHROMIUM_ARGS = [
     "--headless",
@@ -63,17 +78,37 @@ LAB_SETTINGS = {
     },
 }
 
-PLOT = ".jp-OutputArea-output .js-plotly-plot, .jp-OutputArea-output .plot-container"
+PLOT = ".jp-OutputArea-output .js-plotly-plot"
 # Drawn traces: scatter, bar, box... are <g class="trace">, a heatmap is <g class="hm"> holding an
 # <image>; ._fullData is the list of traces plotly.js holds for the figure.
 TRACE_COUNT_JS = """() => {
   const plots = [...document.querySelectorAll('.jp-OutputArea-output .js-plotly-plot')];
-  let svg = 0, data = 0;
-  for (const gd of plots) {
-    svg += gd.querySelectorAll('.plot g.trace, .plot g.hm, .heatmaplayer image').length;
-    data += (gd._fullData || []).filter(t => t.visible !== false).length;
-  }
-  return {plots: plots.length, svg: svg, data: data};
+  return plots.map(gd => ({
+    svg: gd.querySelectorAll('.plot g.trace, .plot g.hm, .heatmaplayer image').length,
+    data: (gd._fullData || []).filter(t => t.visible !== false).length,
+  }));
+}"""
+# Each figure against the output area it sits in: the plot's drawn width (its main svg), the
+# output area's visible width, and whether anything inside the output scrolls sideways.
+FIT_JS = """() => {
+  const plots = [...document.querySelectorAll('.jp-OutputArea-output .js-plotly-plot')];
+  return plots.map((gd, i) => {
+    const output = gd.closest('.jp-OutputArea-output');
+    const svg = gd.querySelector('svg.main-svg');
+    const box = output.getBoundingClientRect();
+    const plot = (svg || gd).getBoundingClientRect();
+    let scrolls = [];
+    for (let el = gd; el && el !== output.parentElement; el = el.parentElement) {
+      if (el.scrollWidth > el.clientWidth + 1 &&
+          ['auto', 'scroll'].includes(getComputedStyle(el).overflowX)) {
+        scrolls.push(el.className.toString().slice(0, 60));
+      }
+    }
+    return {index: i, plot_width: Math.round(plot.width), plot_left: Math.round(plot.left),
+            plot_right: Math.round(plot.right), output_width: Math.round(output.clientWidth),
+            output_left: Math.round(box.left), output_right: Math.round(box.right),
+            output_scroll_width: output.scrollWidth, scrolls: scrolls};
+  });
 }"""
 
 
@@ -111,8 +146,15 @@ class Lab:
         lines = self.log.read_text(errors="replace").splitlines()
         return "\n".join(lines[-n:])
 
+    def shutdown_kernels(self) -> None:
+        try:
+            for kernel in _api(self.url("/api/kernels")) or []:
+                _api(self.url(f"/api/kernels/{kernel['id']}"), method="DELETE")
+        except (urllib.error.URLError, OSError, ValueError):
+            pass
 
-@pytest.fixture
+
+@pytest.fixture(scope="module")
 def chromium() -> str:
     path = _chromium()
     if path is None:
@@ -120,14 +162,16 @@ def chromium() -> str:
     return path
 
 
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[Lab]:
-    """A JupyterLab server on a free port with its own config, data, settings and workspaces."""
-    if not NOTEBOOK.is_file():
-        pytest.fail(f"{NOTEBOOK} is missing: the browser test opens it in JupyterLab")
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    """One JupyterLab server on a free port with its own config, data, settings, workspaces."""
+    missing = [path for path in NOTEBOOKS if not path.is_file()]
+    if missing:
+        pytest.fail(f"{missing} missing: the browser test opens them in JupyterLab")
+    tmp_path = tmp_path_factory.mktemp("lab")
     root = tmp_path / "root"
     shutil.copytree(
-        NOTEBOOK.parent, root, ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__")
+        NOTEBOOK_DIR, root, ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__")
     )
     home = tmp_path / "jupyter"
     settings = home / "settings"
@@ -138,7 +182,8 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
 
     env = dict(os.environ)
     env.update(
-        MOELAB_PRESET="smoke",
+        MOELAB_PRESET=PRESET,
+        MOELAB_SOLUTIONS="1",
         JUPYTER_CONFIG_DIR=str(home / "config"),
         JUPYTER_DATA_DIR=str(home / "data"),
         JUPYTER_RUNTIME_DIR=str(home / "runtime"),
@@ -194,11 +239,7 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
 def _stop(server: Lab, proc: subprocess.Popen) -> None:
     """Shut kernels down through the API (each runs in a session of its own), then the server."""
     if proc.poll() is None:
-        try:
-            for kernel in _api(server.url("/api/kernels")) or []:
-                _api(server.url(f"/api/kernels/{kernel['id']}"), method="DELETE")
-        except (urllib.error.URLError, OSError, ValueError):
-            pass
+        server.shutdown_kernels()
     for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
         try:
             os.killpg(proc.pid, sig)
@@ -249,38 +290,56 @@ def _wait_for_run(page, deadline: float) -> None:
         page.wait_for_timeout(500)
 
 
+def _open_file_browser(page) -> None:
+    """The left sidebar open on the file browser, as a learner who opened the notebook has it."""
+    tab = page.locator(".jp-SideBar.jp-mod-left .lm-TabBar-tab[data-id='filebrowser']")
+    tab.wait_for(timeout=30_000)
+    if "lm-mod-current" not in (tab.get_attribute("class") or ""):
+        tab.click()
+    page.locator(".jp-FileBrowser").first.wait_for(state="visible", timeout=10_000)
+
+
+CASES = [(path, size) for path in NOTEBOOKS for size in SIZES]
+
+
 @pytest.mark.browser
-@pytest.mark.timeout(270)
-def test_tour_renders_in_jupyterlab(chromium: str, lab: Lab) -> None:
+@pytest.mark.timeout(RUN_TIMEOUT_S + 120)
+@pytest.mark.parametrize(("path", "size"), CASES,
+                         ids=[f"{p.stem}-{w}x{h}" for p, (w, h) in CASES])
+def test_notebook_renders_and_fits(chromium: str, lab: Lab, path: Path,
+                                   size: tuple[int, int]) -> None:
     sync_api = pytest.importorskip("playwright.sync_api")
 
-    BUILD.mkdir(exist_ok=True)
-    failure_shot = BUILD / "browser_00_tour_failure.png"
-    failure_shot.unlink(missing_ok=True)
+    BUILD.mkdir(parents=True, exist_ok=True)
+    stem = f"{path.stem}_{size[0]}x{size[1]}"
+    for old in BUILD.glob(f"{stem}_*.png"):
+        old.unlink()
     console_errors: list[str] = []
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1600, "height": 1200})
+            page = browser.new_page(viewport={"width": size[0], "height": size[1]})
             page.on(
                 "console",
                 lambda msg: console_errors.append(msg.text) if msg.type == "error" else None,
             )
             page.on("pageerror", lambda exc: console_errors.append(f"pageerror: {exc}"))
             try:
-                _run_notebook(page, lab)
+                _run_notebook(page, lab, path, stem)
             except BaseException:
-                page.screenshot(path=str(failure_shot))
+                page.screenshot(path=str(BUILD / f"{stem}_failure.png"))
                 raise
         finally:
             browser.close()
+            lab.shutdown_kernels()
             if console_errors:  # shown by pytest when the test fails
                 print("browser console errors:", *console_errors[:50], sep="\n  ")
 
 
-def _run_notebook(page, lab: Lab) -> None:
-    page.goto(lab.url(f"/lab/tree/{NOTEBOOK.name}"), wait_until="domcontentloaded")
+def _run_notebook(page, lab: Lab, path: Path, stem: str) -> None:
+    page.goto(lab.url(f"/lab/tree/{path.name}"), wait_until="domcontentloaded")
     page.locator(".jp-NotebookPanel .jp-Notebook .jp-Cell").first.wait_for(timeout=60_000)
+    _open_file_browser(page)
     _wait_for_kernel(page, lab)
 
     # Run > Run All Cells, as a learner would.
@@ -304,13 +363,26 @@ def _run_notebook(page, lab: Lab) -> None:
     prompts = _code_prompts(page)
     assert all(re.search(r"\[\d+\]", p) for p in prompts), f"not every cell ran: {prompts}"
 
-    # The figure has data and plotly.js drew it.
-    plot = page.locator(PLOT).first
-    plot.wait_for(state="visible", timeout=max(5.0, deadline - time.monotonic()) * 1000)
-    page.wait_for_function(f"() => ({TRACE_COUNT_JS})().svg > 0", timeout=30_000, polling=250)
+    # Every figure has data, and plotly.js drew it.
+    plots = page.locator(PLOT)
+    if plots.count() == 0:
+        page.screenshot(path=str(BUILD / f"{stem}_window.png"))
+        return
+    page.wait_for_function(
+        f"() => ({TRACE_COUNT_JS})().every(p => p.svg > 0)", timeout=30_000, polling=250)
     counts = page.evaluate(TRACE_COUNT_JS)
-    assert counts["plots"] > 0 and counts["svg"] > 0 and counts["data"] > 0, counts
+    assert all(c["svg"] > 0 and c["data"] > 0 for c in counts), counts
 
-    plot.scroll_into_view_if_needed()
-    page.wait_for_timeout(500)
-    page.screenshot(path=str(SCREENSHOT))
+    # Every figure fits its output area: nothing to scroll sideways to.
+    page.wait_for_timeout(500)  # plotly's autosize settles after the first draw
+    too_wide = []
+    for index, fit in enumerate(page.evaluate(FIT_JS)):
+        output = plots.nth(index).locator(
+            "xpath=ancestor::div[contains(concat(' ', @class, ' '), ' jp-OutputArea-output ')][1]")
+        output.scroll_into_view_if_needed()
+        output.screenshot(path=str(BUILD / f"{stem}_{index}.png"))
+        if (fit["plot_right"] > fit["output_right"] + 1 or fit["scrolls"]
+                or fit["output_scroll_width"] > fit["output_width"] + 1):
+            too_wide.append(fit)
+    page.screenshot(path=str(BUILD / f"{stem}_window.png"))
+    assert not too_wide, f"figures wider than their output area in {path.name}: {too_wide}"

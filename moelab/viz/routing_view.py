@@ -5,7 +5,7 @@ Three layers, each usable alone:
 - `routing_table(routing, tokens)`: the Routing as plain numpy arrays (what the figure draws),
   testable without plotly or widgets;
 - `routing_figure(routing, tokens)`: a static plotly figure of it: a token × expert heatmap of
-  router probabilities with the kept (●, ◆ for second choices) and dropped (✕) routes on top, and
+  router probabilities with the kept (○, ◇ for second choices) and dropped (✕) routes on top, and
   per-expert load bars (kept, dropped stacked above) against the capacity line;
 - `RoutingView`: that figure as a ``go.FigureWidget`` plus ipywidgets controls that call
   `moelab.route` again on the *same* tokens (fixed logits, or a Router and its input x); the
@@ -196,7 +196,7 @@ def _figure_from_table(table: dict) -> go.Figure:
     # Markers fit inside a heatmap cell: ~12 px per row, ~420 px shared by the experts.
     cell = min(420 / num_experts, 12.5)
     fig.add_trace(go.Scatter(
-        name="kept route (● 1st choice, ◆ 2nd)", mode="markers", hoverinfo="skip",
+        name="kept route (○ 1st choice, ◇ 2nd)", mode="markers", hoverinfo="skip",
         marker=dict(color="white", size=max(4.0, min(9.0, 0.75 * cell)),
                     line=dict(color="#111111", width=1.5 if cell > 8 else 1.0)),
     ), row=1, col=1)
@@ -247,7 +247,7 @@ def _update_figure(fig: go.Figure, table: dict) -> None:
         symbols = ["circle"] * len(symbols)
     kept.update(x=table["kept_expert"], y=table["kept_token"], marker_symbol=symbols,
                 name="picked (expert choice)" if table["expert_choice"] else
-                ("kept route (● 1st choice, ◆ 2nd)" if table["k"] > 1 else "kept route"))
+                ("kept route (○ 1st choice, ◇ 2nd)" if table["k"] > 1 else "kept route"))
     dropped.update(x=table["dropped_expert"], y=table["dropped_token"])
     kept_bars.update(y=table["load"])
     dropped_bars.update(y=table["dropped"])
