@@ -73,3 +73,32 @@ def write_section(path: Path, start: str, end: str, body: str, notes: str | None
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
     path.write_text(text)
+
+
+def fmt(v: float | None, digits: int = 1) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a / b
+
+
+def peer_goal(points: list, clock: str, pairs, labels: dict) -> list[str]:
+    """One line per (moelab candidate, peer, layout) of ``pairs``: at or below the peer's median
+    at every point of ``points`` (objects with T, d, E, k and per-clock dicts of ms)?"""
+    out = []
+    for ours, peer, layout in pairs:
+        sp = [(ratio(getattr(p, clock)[ours], getattr(p, clock)[peer]), p) for p in points
+              if getattr(p, clock).get(ours) is not None
+              and getattr(p, clock).get(peer) is not None]
+        if not sp:
+            out.append(f"- {labels.get(ours, ours)} vs {labels.get(peer, peer)} ({layout}): "
+                       "not measured")
+            continue
+        worst, wp = max(sp, key=lambda t: t[0])
+        over = [p for r, p in sp if r > 1.0]
+        out.append(f"- {labels.get(ours, ours)} at or below {labels.get(peer, peer)} "
+                   f"({layout}) at every point: {'MET' if not over else 'MISSED'} (worst "
+                   f"{worst:.2f}x at T={wp.T} d={wp.d} E={wp.E} k={wp.k}; {len(over)}/{len(sp)} "
+                   f"points above)")
+    return out

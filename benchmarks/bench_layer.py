@@ -1,67 +1,56 @@
 #!/usr/bin/env python
-"""Benchmark of one MoE layer's forward pass on the CPU: moelab's backends against peers and floors.
+"""One MoE layer on the CPU, moelab against its peers and floors: forward, decode, training step.
 
-    python benchmarks/bench_layer.py [--quick] [--rounds N] [--out benchmarks/RESULTS.md]
+    python benchmarks/bench_layer.py [--grids forward,decode,train] [--quick] [--rounds N]
+                                     [--out benchmarks/RESULTS.md]
 
-Settings: fp32, ``torch.set_num_threads(2)``, ``torch.no_grad()``, every layer in eval mode.
-Grid: T tokens in {512, 4096}, d in {256, 1024}, f = 4d, E experts in {8, 32}, k in {1, 2}
-(``--quick``: a tiny grid that runs in seconds, for a smoke test).
+Three grids, each with its own section of RESULTS.md (fp32, ``torch.set_num_threads(2)``):
 
-Candidates (each a forward of T tokens [T, d] -> [T, d]):
+- ``forward`` (this file): T in {512, 4096}, d in {256, 1024}, f = 4d, E in {8, 32}, k in {1, 2},
+  eval, no_grad, in both layouts: with capacity (factor 1.0, min capacity 4, dropping on) and
+  dropless;
+- ``decode`` (`_grid_decode`): T in {1, 8, 32} tokens, d in {256, 1024}, E in {32, 64}, k in
+  {1, 2}, both layouts; then T=1 with E in {8, 32, 64, 128};
+- ``train`` (`_grid_train`): forward + backward of one layer, T=4096, d in {256, 1024}, E in
+  {8, 32}, k in {1, 2}, with capacity, against DeepSpeed and a dense FFN with the same active
+  FLOPs.
 
-- ``index``: ``MoE(d, 4d, E, k=k, backend="index").eval()``, the paper's defaults (capacity factor
-  1.0, min capacity 4, token dropping on).
-- ``einsum``: the same layer object after ``set_backend("einsum")`` (GShard/DeepSpeed one-hot
-  [S, E, C] masks). Skipped at a point whose masks would need more than ~4 GB or whose call would
-  take more than ~20 s.
-- ``loop``: the naive baseline in plain torch: moelab's router, then a Python loop over experts
-  that selects each expert's kept routes, runs its FFN with the same weights and scatters the
-  weighted result back (index_add_).
-- ``mixtral``: HuggingFace transformers' ``MixtralSparseMoeBlock`` (SwiGLU experts, no biases,
-  dropless top-k), every weight initialised explicitly (normal, std 0.02): transformers 5 creates
-  the fused expert tensors with ``torch.empty``. Skipped with a note without transformers.
-- ``index_swiglu``: moelab ``index`` with ``activation="swiglu"`` and ``bias=False`` holding the
-  Mixtral block's weights (the same routing), so that its FLOPs match Mixtral's.
-- ``dense``: the dense proxy, the same active FLOPs as plain matmuls: T·k rows through ONE expert
-  FFN, ``gelu(x[Tk, d] @ W1 + b1) @ W2 + b2``.
-- ``balanced``: the balanced floor: the same T·k rows already sorted and split evenly over the E
-  experts, ``baddbmm(gelu(baddbmm(b1, x[E, Tk/E, d], W1[E])), W2[E])``, no routing. At few tokens
-  per expert every MoE must read all E experts' weights, which the dense proxy does not.
+Forward-grid candidates (each [T, d] -> [T, d]; every peer holds views of a moelab layer's
+weights, see `_peers`, and is checked against it before timing):
 
-With the capacity factor 1.0, moelab's buffer holds E·C = T·k rows at every grid point (C = T·k/E),
-so ``index`` does the balanced floor's FLOPs plus routing, dispatch and combine. The pieces of
-``index`` (router, dispatch, combine) are timed too, in the same rotation, on their precomputed
-inputs (the "breakdown" table); its experts piece is exactly the balanced floor's computation.
+- ``index``: moelab ``MoE(d, 4d, E, k=k)`` with capacity (GELU experts with biases), and
+  ``index dropless``: the same layer routing without capacity;
+- ``einsum``: the same layer with the GShard one-hot backend (skipped where its [S, E, C] masks
+  would pass ~4 GB or its call ~20 s); ``loop``: moelab's router, then a Python loop over
+  experts (index_select, FFN, index_add_);
+- ``DeepSpeed`` (``deepspeed.moe.layer.MoE`` with the same weights, capacity) and ``DeepSpeed
+  no-drop`` (its drop_tokens=False: capacity = the largest load);
+- ``Mixtral`` (HF, SwiGLU, no biases, dropless) beside ``index swiglu``, moelab's dropless SwiGLU
+  layer holding the same weights; ``Switch`` (HF, k=1 only: top-1 with capacity C, ReLU, no
+  biases) beside ``index relu``, moelab's ReLU layer with the same weights and capacity;
+- floors: ``dense``, the same active FLOPs as plain matmuls (T·k rows through ONE expert FFN),
+  and ``balanced``, the T·k rows pre-sorted evenly over the E experts, one batched matmul per
+  matrix, no routing.
 
-Timing: per grid point, every candidate is warmed up, then timed in rotation (round-robin over the
-candidates inside each round, the starting candidate rotating from round to round) for several
-rounds; a sample is the mean of enough calls to last ~100 ms; the table reports the median sample.
-Noise on a shared 2-core machine reaches 20% from run to run, so compare numbers within one run.
-Each sample records wall time and the process's CPU time (all threads; it does not grow while
-other processes hold the cores), and the report gives both.
+Correctness, once per point before timing (relative error <= 1e-4 of the largest output):
+index == einsum == loop; DeepSpeed == index (k=2: the same drops; k=1, where DeepSpeed keeps
+overflowing tokens by topk order rather than position, in the no-drop mode against index
+dropless); DeepSpeed no-drop == index dropless; Mixtral == index swiglu (Mixtral renormalises a
+top-1 weight to 1: its output times the router probability is compared); Switch == index relu.
+A failed check aborts the run. Timing: `_timing` (round-robin rounds, medians, wall and CPU).
 
 OpenMP's wait policy is libgomp's default, as a user's Python gets it, unless OMP_WAIT_POLICY is
-set. It matters here: with PASSIVE, the second thread sleeps after every parallel region and is
-woken for the next, ~0.1 ms per region on this VM (an exp over 4096 floats took 115 us instead of
-7 us), which taxes every small op of a router and even the floors' batched matmuls (the T=512,
-d=256 floor ran 1.5-2x slower). On a machine other processes share, the default spinning is the
-worse one (a scheduler slice per region): run this on a quiet machine, or set PASSIVE there.
-
-Correctness, once per grid point before timing: index == einsum == loop (relative error <= 1e-4,
-relative to the largest output), index == loop for the SwiGLU layer, and Mixtral against moelab's
-dropless SwiGLU layer holding its weights (Mixtral renormalises top-1 weights to 1, so for k = 1
-its output times the router probability is compared). A failed check aborts the run.
+set: with PASSIVE every parallel region wakes a sleeping thread (~0.1 ms here), which taxes
+small ops; on a busy machine spinning is the slow one. Run on a quiet machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import gc
-import math
+import functools
 import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -73,126 +62,56 @@ import torch.nn.functional as F
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _report, also when loaded by path
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helpers, also when loaded by path
 
-from _report import describe_cpu, load_average_warning, omp_wait_policy, write_section  # noqa: E402  (benchmarks/, the script's own folder)
+import _peers as peers  # noqa: E402
+from _candidates import LABELS, check, expert_path, layout_call  # noqa: E402
+from _report import (  # noqa: E402
+    describe_cpu,
+    fmt,
+    load_average_warning,
+    omp_wait_policy,
+    peer_goal,
+    ratio,
+    write_section,
+)
+from _timing import MIN_SAMPLE_S, time_rotation, warm_up  # noqa: E402
 
-from moelab import MoE, combine, dispatch  # noqa: E402
-
-try:
-    import transformers
-    from transformers import MixtralConfig
-    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-except ImportError:  # the optional peer
-    transformers = None
+from moelab import MoE, expert_capacity  # noqa: E402
 
 THREADS = 2
-RTOL = 1e-4
-MIN_SAMPLE_S = 0.1  # a timing sample is the mean of enough calls to last this long
 EINSUM_MAX_BYTES = 4e9
 EINSUM_MAX_S = 20.0
-INIT_STD = 0.02
 START, END = "<!-- bench_layer:start -->", "<!-- bench_layer:end -->"
 NOTES = "<!-- bench_layer:notes (hand-written, kept by reruns) -->"
 
 FULL_GRID = dict(T=(512, 4096), d=(256, 1024), E=(8, 32), k=(1, 2))
 QUICK_GRID = dict(T=(64,), d=(32,), E=(4,), k=(1, 2))
-PEERS = ("einsum", "loop", "mixtral")
-COLUMNS = ("index", "einsum", "loop", "mixtral", "index_swiglu", "dense", "balanced")
-PIECES = ("router", "dispatch", "experts", "combine")
+# (moelab candidate, its peer, layout): what the "faster than every peer" goal compares
+PAIRS = (("index", "deepspeed", "capacity"), ("index", "einsum", "capacity"),
+         ("index", "loop", "capacity"), ("index_relu", "switch", "capacity"),
+         ("index_dropless", "deepspeed_nodrop", "dropless"),
+         ("index_swiglu", "mixtral", "dropless"))
+COLUMNS = ("index", "einsum", "loop", "deepspeed", "index_relu", "switch", "index_dropless",
+           "deepspeed_nodrop", "index_swiglu", "mixtral", "dense", "balanced")
 
-
-# ------------------------------------------------------------------------------------ candidates
+# ------------------------------------------------------------------------------------ helpers
 
 def loop_forward(moe: MoE, x: Tensor) -> Tensor:
     """The naive baseline: moelab's router, then one Python-loop iteration per expert."""
     routing = moe.router(x)
     ex = moe.experts
     y = torch.zeros_like(x)
-    routed = routing.kept  # [S, k]: routes that keep their slot (dropped ones add nothing)
     for e in range(ex.num_experts):
-        token, choice = torch.nonzero(routed & (routing.expert == e), as_tuple=True)
+        token, choice = torch.nonzero(routing.kept & (routing.expert == e), as_tuple=True)
         if token.numel() == 0:
             continue
         h = x.index_select(0, token)
         h = h @ ex.w_in[e] if ex.b_in is None else torch.addmm(ex.b_in[e], h, ex.w_in[e])
-        if ex.activation == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h) if ex.activation == "gelu" else F.relu(h)
+        h = F.gelu(h) if ex.activation == "gelu" else F.relu(h)
         h = h @ ex.w_out[e] if ex.b_out is None else torch.addmm(ex.b_out[e], h, ex.w_out[e])
         y.index_add_(0, token, h * routing.weight[token, choice, None])
     return y
-
-
-def make_mixtral(d: int, f: int, E: int, k: int):
-    config = MixtralConfig(hidden_size=d, intermediate_size=f, num_local_experts=E,
-                           num_experts_per_tok=k)
-    config._experts_implementation = "eager"  # the block's own forward (as a bare block gets)
-    block = MixtralSparseMoeBlock(config).eval()
-    with torch.no_grad():
-        for param in block.parameters():  # transformers 5: torch.empty, often NaN
-            param.normal_(0.0, INIT_STD)
-    return block
-
-
-def swiglu_from_mixtral(block, d: int, f: int, E: int, k: int, drop_tokens: bool) -> MoE:
-    """moelab's SwiGLU layer holding the Mixtral block's weights (hence the same routing)."""
-    moe = MoE(d, f, E, k=k, activation="swiglu", bias=False, drop_tokens=drop_tokens,
-              backend="index").eval()
-    with torch.no_grad():
-        moe.router.weight.copy_(block.gate.weight)
-        # Mixtral: gate_up_proj [E, 2f, d] = [gate; up], down_proj [E, d, f], y = x W^T.
-        moe.experts.w_in.copy_(block.experts.gate_up_proj.transpose(1, 2))
-        moe.experts.w_out.copy_(block.experts.down_proj.transpose(1, 2))
-    return moe
-
-
-# ------------------------------------------------------------------------------------- checking
-
-def rel_err(a: Tensor, ref: Tensor) -> float:
-    return float((a - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
-
-
-def check(name: str, a: Tensor, ref: Tensor, notes: list[str]) -> float:
-    if not bool(torch.isfinite(a).all()):
-        raise SystemExit(f"FAIL {name}: output has NaN/Inf")
-    err = rel_err(a, ref)
-    if not err <= RTOL:
-        raise SystemExit(f"FAIL {name}: relative error {err:.2e} > {RTOL:.0e}")
-    notes.append(f"{name} {err:.1e}")
-    return err
-
-
-# --------------------------------------------------------------------------------------- timing
-
-def time_call(fn: Callable[[], object], reps: int) -> tuple[float, float]:
-    """(wall, CPU) seconds per call, the mean over reps calls. CPU is this process's time on
-    all its threads (time.process_time): unlike wall time it does not grow while other processes
-    hold the cores, so it is the steadier measure on a shared machine."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - wall) / reps, (time.process_time() - cpu) / reps
-
-
-def time_rotation(cands: dict[str, Callable[[], object]], rounds: int,
-                  warm: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
-    """Median (wall, CPU) seconds per call of each candidate, timed round-robin over rounds."""
-    names = list(cands)
-    reps = {n: max(1, min(100, math.ceil(MIN_SAMPLE_S / max(warm[n], 1e-6)))) for n in names}
-    walls: dict[str, list[float]] = {n: [] for n in names}
-    cpus: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        gc.collect()
-        shift = r % len(names)
-        for n in names[shift:] + names[:shift]:
-            wall, cpu = time_call(cands[n], reps[n])
-            walls[n].append(wall)
-            cpus[n].append(cpu)
-    return ({n: statistics.median(v) for n, v in walls.items()},
-            {n: statistics.median(v) for n, v in cpus.items()})
 
 
 @dataclass
@@ -203,208 +122,169 @@ class Point:
     k: int
     ms: dict[str, float | None] = field(default_factory=dict)  # median wall ms per call
     cpu: dict[str, float | None] = field(default_factory=dict)  # median CPU ms per call
-    pieces: dict[str, float] = field(default_factory=dict)  # wall ms of index's pieces
-    cpu_pieces: dict[str, float] = field(default_factory=dict)  # CPU ms of index's pieces
     capacity: int = 0
     drop_fraction: float = 0.0
+    paths: dict[str, str] = field(default_factory=dict)  # moelab candidate -> experts' path
     errors: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
-def einsum_cost(T: int, E: int, C: int, d: int) -> tuple[float, float]:
-    """(bytes, flops) of the einsum backend: [S, E, C] fp32 masks (two per dispatch_masks call,
-    one call in dispatch and one in combine, plus index_put temporaries: ~4 alive) and two
-    S·E·C·d einsums."""
+def einsum_too_big(T: int, E: int, C: int, d: int, seconds_per_flop: float) -> str | None:
+    """Why the einsum backend is skipped at a point (its [S, E, C] masks, ~4 alive, and two
+    S·E·C·d einsums), or None."""
     cells = T * E * C
-    return 4.0 * cells * 4, 2.0 * 2 * cells * d
+    nbytes, seconds = 16.0 * cells, 4.0 * cells * d * seconds_per_flop
+    if nbytes > EINSUM_MAX_BYTES or seconds > EINSUM_MAX_S:
+        return f"~{nbytes / 1e9:.1f} GB masks, ~{seconds:.0f} s"
+    return None
 
 
-def bench_point(T: int, d: int, E: int, k: int, rounds: int, seed: int) -> Point:
+# ------------------------------------------------------------------------------ forward grid
+
+def forward_point(T: int, d: int, E: int, k: int, rounds: int, seed: int) -> Point:
     f = 4 * d
     point = Point(T, d, E, k)
     torch.manual_seed(seed)
     x = torch.randn(T, d)
-    moe = MoE(d, f, E, k=k, backend="index").eval()
+    x3 = x.view(1, T, d)
+    moe = peers.moelab_layer(d, f, E, k, seed=seed).eval()
     ex = moe.experts
+    cands: dict[str, Callable[[], object]] = {
+        "index": layout_call(moe, x, drop_tokens=True),
+        "index_dropless": layout_call(moe, x, drop_tokens=False),
+        "loop": lambda: loop_forward(moe, x),
+    }
+    warm: dict[str, float] = {}
 
-    def run(layer: MoE, backend: str) -> Callable[[], Tensor]:
-        def call() -> Tensor:
-            layer.set_backend(backend)
-            return layer(x)[0]
-        return call
+    def first_call(name: str) -> Tensor:  # the correctness calls double as warm-up calls
+        t0 = time.perf_counter()
+        out = peers.first(cands[name]())
+        warm[name] = time.perf_counter() - t0
+        return out.reshape(T, d)
 
-    # Floors: the same weights' shapes, the T·k rows as plain matmuls.
+    # ---- moelab's own candidates ------------------------------------------------------------
+    routing = moe.router(x)
+    point.capacity, point.drop_fraction = routing.capacity, routing.drop_fraction
+    y_index = first_call("index")
+    y_dropless = first_call("index_dropless")
+    moe.router.config = moe.router.config.replace(drop_tokens=False)
+    point.paths["index_dropless"] = expert_path(moe, moe.router(x))
+    moe.router.config = moe.router.config.replace(drop_tokens=True)
+    point.paths["index"] = expert_path(moe, routing)
+    check("loop", first_call("loop"), y_index, point.errors)
+    seconds_per_flop = warm["index"] / (4.0 * T * k * d * f)
+    too_big = einsum_too_big(T, E, routing.buffer_rows, d, seconds_per_flop)
+    if too_big is None:
+        cands["einsum"] = layout_call(moe, x, drop_tokens=True, backend="einsum")
+        check("einsum", first_call("einsum"), y_index, point.errors)
+    else:
+        point.notes.append(f"einsum skipped at T={T} d={d} E={E} k={k} ({too_big})")
+
+    # ---- DeepSpeed, with the same weights ---------------------------------------------------
+    ds = peers.deepspeed_like(moe)
+    if ds is not None:
+        ds_nodrop = peers.deepspeed_like(moe, drop_tokens=False)
+        cands["deepspeed"] = lambda: ds(x3)
+        cands["deepspeed_nodrop"] = lambda: ds_nodrop(x3)
+        y_ds = first_call("deepspeed")
+        check("deepspeed no-drop", first_call("deepspeed_nodrop"), y_dropless, point.errors)
+        if k > 1:  # top-2 drops the same routes as moelab (top-1 differs: see the docstring)
+            check("deepspeed", y_ds, y_index, point.errors)
+
+    # ---- HF Mixtral and Switch, with moelab twins -------------------------------------------
+    swiglu = peers.moelab_layer(d, f, E, k, activation="swiglu", bias=False,
+                                drop_tokens=False, seed=seed + 1).eval()
+    mixtral = peers.mixtral_like(swiglu)
+    if mixtral is not None:
+        cands["index_swiglu"] = layout_call(swiglu, x, drop_tokens=False)
+        cands["mixtral"] = lambda: mixtral(x3)
+        y_sw = first_call("index_swiglu")
+        y_mix = first_call("mixtral")
+        if k == 1:  # Mixtral renormalises the single top-1 weight to 1; moelab keeps p
+            y_mix = y_mix * swiglu.router(x).weight
+        check("mixtral", y_mix, y_sw, point.errors)
+        point.paths["index_swiglu"] = expert_path(swiglu, swiglu.router(x))
+    if k == 1 and peers.transformers is not None:
+        relu = peers.moelab_layer(d, f, E, 1, activation="relu", bias=False,
+                                  seed=seed + 2).eval()
+        capacity = expert_capacity(T, E, 1.0, 1, 4)
+        switch = peers.switch_like(relu, capacity)
+        cands["index_relu"] = layout_call(relu, x, drop_tokens=True)
+        cands["switch"] = lambda: switch(x3)
+        check("switch", first_call("switch"), first_call("index_relu"), point.errors)
+        point.paths["index_relu"] = expert_path(relu, relu.router(x))
+
+    # ---- floors: the same weights' shapes, the T·k rows as plain matmuls ---------------------
     rows = T * k
     x_rows = x.repeat(k, 1)  # [Tk, d]
     w1, b1 = ex.w_in[0].contiguous(), ex.b_in[0].contiguous()
     w2, b2 = ex.w_out[0].contiguous(), ex.b_out[0].contiguous()
     x_bal = x_rows.view(E, rows // E, d)  # grid points have E | T·k
     b_in, b_out = ex.b_in[:, None, :], ex.b_out[:, None, :]
+    cands["dense"] = lambda: torch.addmm(b2, F.gelu(torch.addmm(b1, x_rows, w1)), w2)
+    cands["balanced"] = lambda: torch.baddbmm(
+        b_out, F.gelu(torch.baddbmm(b_in, x_bal, ex.w_in)), ex.w_out)
 
-    def dense() -> Tensor:
-        return torch.addmm(b2, F.gelu(torch.addmm(b1, x_rows, w1)), w2)
-
-    def balanced() -> Tensor:
-        return torch.baddbmm(b_out, F.gelu(torch.baddbmm(b_in, x_bal, ex.w_in)), ex.w_out)
-
-    cands: dict[str, Callable[[], object]] = {
-        "index": run(moe, "index"),
-        "einsum": run(moe, "einsum"),
-        "loop": lambda: loop_forward(moe, x),
-    }
-    warm: dict[str, float] = {}  # seconds of one warm call, sets each candidate's reps
-
-    def first_call(name: str):  # the correctness calls double as the warm-up calls
-        t0 = time.perf_counter()
-        out = cands[name]()
-        warm[name] = time.perf_counter() - t0
-        return out
-
-    # ---- correctness of the GELU layer: index == einsum == loop -------------------------
-    routing = moe.router(x)
-    point.capacity = routing.capacity
-    point.drop_fraction = routing.drop_fraction
-    y_index = first_call("index")
-    if not bool(torch.isfinite(y_index).all()):
-        raise SystemExit("FAIL index: output has NaN/Inf")
-    cost_bytes, cost_flops = einsum_cost(T, E, routing.buffer_rows, d)
-    rate = 2.0 * 2 * rows * d * f / warm["index"]  # FLOP/s of the layer's expert FFNs
-    if cost_bytes > EINSUM_MAX_BYTES or cost_flops / rate > EINSUM_MAX_S:
-        del cands["einsum"]
-        point.notes.append(f"einsum skipped at T={T} d={d} E={E} k={k}: too slow/large "
-                           f"(~{cost_bytes / 1e9:.1f} GB masks, ~{cost_flops / rate:.0f} s)")
-    else:
-        y_einsum = first_call("einsum")
-        if warm["einsum"] > EINSUM_MAX_S:
-            del cands["einsum"]
-            point.notes.append(f"einsum skipped at T={T} d={d} E={E} k={k}: too slow/large "
-                               f"(first call {warm['einsum']:.0f} s)")
-        else:
-            check("einsum", y_einsum, y_index, point.errors)
-    check("loop", first_call("loop"), y_index, point.errors)
-
-    # ---- Mixtral and moelab's SwiGLU layer with its weights ----------------------------------
-    if transformers is not None:
-        block = make_mixtral(d, f, E, k)
-        moe_sw = swiglu_from_mixtral(block, d, f, E, k, drop_tokens=True)
-        x3 = x.view(1, T, d)
-        cands["mixtral"] = lambda: block(x3)
-        cands["index_swiglu"] = run(moe_sw, "index")
-        check("swiglu-loop", loop_forward(moe_sw, x), first_call("index_swiglu"), point.errors)
-        # Mixtral is dropless; its peer for checking is moelab's dropless SwiGLU layer.
-        dropless = swiglu_from_mixtral(block, d, f, E, k, drop_tokens=False)
-        y_ref, r_ref = dropless(x)
-        y_mix = first_call("mixtral").view(T, d)
-        if k == 1:  # Mixtral renormalises the single top-1 weight to 1; moelab keeps p.
-            y_mix = y_mix * r_ref.weight
-        check("mixtral", y_mix, y_ref, point.errors)
-        del dropless
-    else:
-        point.notes.append("mixtral skipped: transformers not installed")
-
-    cands["dense"] = dense
-    cands["balanced"] = balanced
-
-    # ---- the pieces of "index", on precomputed inputs ----------------------------------------
-    # Its experts piece is the balanced floor's computation exactly (baddbmm, gelu, baddbmm on
-    # [E, C, d] with the same weights), so it is not timed twice.
-    moe.set_backend("index")
-    buffer = dispatch(x, routing, "index")
-    expert_out = ex(buffer)
-    cands["p:router"] = lambda: moe.router(x)
-    cands["p:dispatch"] = lambda: dispatch(x, routing, "index")
-    cands["p:combine"] = lambda: combine(expert_out, routing, "index")
-
-    # ---- warm-up, then the timed rotation ---------------------------------------------------
-    for name, fn in cands.items():  # one warm call (or two for the cheap ones)
-        if name not in warm or warm[name] < 0.2:
-            warm[name] = time_call(fn, 1)[0]
+    warm_up(cands, warm)
     walls, cpus = time_rotation(cands, rounds, warm)
     for name in COLUMNS:
         point.ms[name] = walls[name] * 1e3 if name in walls else None
         point.cpu[name] = cpus[name] * 1e3 if name in cpus else None
-    for name in PIECES:
-        key = "balanced" if name == "experts" else "p:" + name
-        point.pieces[name] = walls[key] * 1e3
-        point.cpu_pieces[name] = cpus[key] * 1e3
-    moe.set_backend("index")
     return point
 
 
 # -------------------------------------------------------------------------------------- reports
 
-def fmt(v: float | None, digits: int = 1) -> str:
-    return "—" if v is None else f"{v:.{digits}f}"
+LAYOUT_COLUMNS = {
+    "capacity": ("index", "einsum", "loop", "deepspeed", "index_relu", "switch", "dense",
+                 "balanced"),
+    "dropless": ("index_dropless", "deepspeed_nodrop", "index_swiglu", "mixtral", "balanced"),
+}
+LAYOUT_FLOORS = {"capacity": (("index", "balanced"), ("index", "dense")),
+                 "dropless": (("index_dropless", "balanced"),)}
 
 
-def ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None else a / b
-
-
-def table(points: list[Point], clock: str = "ms") -> str:
-    head = ("| T | d | E | k | C | dropped | index | einsum | loop | Mixtral | index swiglu | "
-            "dense | balanced | index/balanced | index/dense | einsum/index | loop/index | "
-            "Mixtral/index | Mixtral/index swiglu |")
-    lines = [head, "|" + "---:|" * 19]
-    for p in points:
-        m = getattr(p, clock)
-        cells = [p.T, p.d, p.E, p.k, p.capacity, f"{100 * p.drop_fraction:.0f}%"]
-        cells += [fmt(m[c]) for c in COLUMNS] + [
-            fmt(ratio(m["index"], m["balanced"]), 2), fmt(ratio(m["index"], m["dense"]), 2),
-            fmt(ratio(m["einsum"], m["index"]), 2), fmt(ratio(m["loop"], m["index"]), 2),
-            fmt(ratio(m["mixtral"], m["index"]), 2),
-            fmt(ratio(m["mixtral"], m["index_swiglu"]), 2)]
+def forward_table(points: list[Point], clock: str, layout: str) -> str:
+    """One layout's candidates, then the ratios to the floors and to each peer."""
+    m_of = [getattr(p, clock) for p in points]
+    shown = [c for c in LAYOUT_COLUMNS[layout] if any(m[c] is not None for m in m_of)]
+    ratios = [*LAYOUT_FLOORS[layout], *((a, b) for a, b, lay in PAIRS
+                                        if lay == layout and b in shown)]
+    head = (["T", "d", "E", "k"] + (["C", "dropped"] if layout == "capacity" else [])
+            + [LABELS.get(c, c) for c in shown]
+            + [f"{LABELS.get(a, a)} / {LABELS.get(b, b)}" for a, b in ratios])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
+    for p, m in zip(points, m_of, strict=True):
+        cells = [p.T, p.d, p.E, p.k]
+        if layout == "capacity":
+            cells += [p.capacity, f"{100 * p.drop_fraction:.0f}%"]
+        cells += [fmt(m[c]) for c in shown]
+        cells += [fmt(ratio(m[a], m[b]), 2) for a, b in ratios]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
-def breakdown_table(points: list[Point], clock: str = "ms") -> str:
-    head = ("| T | d | E | k | index (whole) | router | dispatch | experts (= balanced) | "
-            "combine | sum of pieces | router % | dispatch % | experts % | combine % | "
-            "(router+dispatch+combine) / balanced |")
-    lines = [head, "|" + "---:|" * 15]
+def paths_table(points: list[Point]) -> str:
+    names = [c for c in ("index", "index_dropless", "index_swiglu", "index_relu")
+             if any(c in p.paths for p in points)]
+    lines = ["| T | d | E | k | " + " | ".join(LABELS.get(n, n) for n in names) + " |",
+             "|" + "---:|" * 4 + "---|" * len(names)]
     for p in points:
-        whole, pieces = getattr(p, clock), (p.pieces if clock == "ms" else p.cpu_pieces)
-        total = sum(pieces.values())
-        cells = [p.T, p.d, p.E, p.k, fmt(whole["index"])]
-        cells += [fmt(pieces[n], 2) for n in PIECES] + [fmt(total)]
-        cells += [f"{100 * pieces[n] / total:.1f}" for n in PIECES]
-        overhead = pieces["router"] + pieces["dispatch"] + pieces["combine"]
-        cells.append(f"{100 * overhead / pieces['experts']:.1f}%")
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        lines.append(f"| {p.T} | {p.d} | {p.E} | {p.k} | "
+                     + " | ".join(p.paths.get(n, "—") for n in names) + " |")
     return "\n".join(lines)
 
 
-def goals(points: list[Point], clock: str = "ms") -> str:
+def forward_goals(points: list[Point], clock: str = "ms") -> str:
     out = []
-    t = {id(p): getattr(p, clock) for p in points}
-    ib = [(ratio(t[id(p)]["index"], t[id(p)]["balanced"]), p) for p in points]
-    worst, wp = max(ib, key=lambda t: t[0])
-    miss = [p for r, p in ib if r > 1.15]
-    out.append(f"- index within 1.15x of the balanced floor at every point: "
-               f"{'MET' if not miss else 'MISSED'} (worst {worst:.2f}x at T={wp.T} d={wp.d} "
-               f"E={wp.E} k={wp.k}; {len(miss)}/{len(points)} points over 1.15x)")
-    big = [p for p in points if p.T == 4096 and p.d == 1024]
-    if big:
-        idd = [(ratio(t[id(p)]["index"], t[id(p)]["dense"]), p) for p in big]
-        worst, wp = max(idd, key=lambda t: t[0])
-        out.append(f"- index within 1.15x of the dense proxy at T=4096, d=1024: "
-                   f"{'MET' if worst <= 1.15 else 'MISSED'} (worst {worst:.2f}x at E={wp.E} "
-                   f"k={wp.k}; all: " + ", ".join(f"E={p.E} k={p.k} {r:.2f}x" for r, p in idd)
-                   + ")")
-    for peer, base in (("einsum", "index"), ("loop", "index"), ("mixtral", "index_swiglu"),
-                       ("mixtral", "index")):
-        sp = [(ratio(t[id(p)][peer], t[id(p)][base]), p) for p in points
-              if t[id(p)][peer] is not None and t[id(p)][base] is not None]
-        if not sp:
-            out.append(f"- {base} vs {peer}: not measured")
-            continue
-        low, lp = min(sp, key=lambda t: t[0])
-        slower = [p for s, p in sp if s <= 1.0]
-        out.append(f"- {base} faster than {peer} at every point: "
-                   f"{'MET' if not slower else 'MISSED'} (min speedup {low:.2f}x at T={lp.T} "
-                   f"d={lp.d} E={lp.E} k={lp.k}; {len(slower)}/{len(sp)} points not faster)")
-    return "\n".join(out)
+    for ours, limit in (("index", 1.10), ("index_dropless", 1.15)):
+        rs = [(ratio(getattr(p, clock)[ours], getattr(p, clock)["balanced"]), p) for p in points]
+        worst, wp = max(rs, key=lambda t: t[0])
+        over = [p for r, p in rs if r > limit]
+        out.append(f"- {LABELS.get(ours, ours)} within {limit:.2f}x of the balanced floor at "
+                   f"every point: {'MET' if not over else 'MISSED'} (worst {worst:.2f}x at "
+                   f"T={wp.T} d={wp.d} E={wp.E} k={wp.k}; {len(over)}/{len(rs)} points over)")
+    return "\n".join(out + peer_goal(points, clock, PAIRS, LABELS))
 
 
 def machine() -> str:
@@ -412,115 +292,128 @@ def machine() -> str:
             f"{platform.system()} {platform.release()}, Python {platform.python_version()}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="a tiny grid in seconds (smoke test)")
-    ap.add_argument("--rounds", type=int, default=None,
-                    help="timing rounds per grid point (default 5, or 3 with --quick)")
-    ap.add_argument("--out", type=Path, default=None,
-                    help="write the report (markdown) here, e.g. benchmarks/RESULTS.md")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    rounds = args.rounds or (3 if args.quick else 5)
-    if rounds < 1:
-        ap.error("--rounds must be >= 1")
-
-    torch.set_num_threads(THREADS)
-    grid = QUICK_GRID if args.quick else FULL_GRID
-    if transformers is not None:
-        transformers.logging.set_verbosity_error()
-    started = datetime.datetime.now(datetime.timezone.utc)
-    load_before = load_average_warning()
-    t_start = time.perf_counter()
-    points = []
-    with torch.no_grad():
-        for T in grid["T"]:
-            for d in grid["d"]:
-                for E in grid["E"]:
-                    for k in grid["k"]:
-                        t0 = time.perf_counter()
-                        p = bench_point(T, d, E, k, rounds, args.seed)
-                        points.append(p)
-                        print(f"T={T} d={d} E={E} k={k}: "
-                              + ", ".join(f"{n} {fmt(v, 2)}" for n, v in p.ms.items())
-                              + f" ms  [{time.perf_counter() - t0:.0f} s; checks: "
-                              + ", ".join(p.errors) + "]"
-                              + ("".join(f" NOTE {n}" for n in p.notes)), flush=True)
-    elapsed = time.perf_counter() - t_start
+def header(title: str, command: str, started, elapsed: float, *, load_before, rounds: int
+           ) -> str:
     load_after = os.getloadavg()
+    return f"""# {title}
 
-    command = "python benchmarks/bench_layer.py " + " ".join(sys.argv[1:] if argv is None
-                                                             else argv)
-    tf_version = transformers.__version__ if transformers is not None else "not installed"
-    notes = sorted({n for p in points for n in p.notes})
-    report = f"""# MoE layer forward benchmark (CPU)
-
-Produced by `benchmarks/bench_layer.py` (see its docstring for what each candidate is).
+Produced by `benchmarks/bench_layer.py` (see its docstring, and its helpers', for every
+candidate).
 
 - Command: `{command.strip()}`
 - Date: {started.strftime("%Y-%m-%d %H:%M UTC")}, wall time {elapsed / 60:.1f} min
 - Machine: {machine()}
 - Load average (1/5/15 min) before: {" / ".join(f"{v:.2f}" for v in load_before)}, after: \
 {" / ".join(f"{v:.2f}" for v in load_after)} (other processes share these 2 cores)
-- torch {torch.__version__}, transformers {tf_version}
-- fp32, torch.set_num_threads({THREADS}), torch.no_grad(), eval mode, \
-{omp_wait_policy()}; f = 4d; \
-{rounds} rounds, candidates round-robin inside each round, median of the per-round samples \
-(a sample is the mean of enough calls to last >= {MIN_SAMPLE_S * 1e3:.0f} ms)
-- moelab layers: capacity factor 1.0, min capacity 4, token dropping on (C = T·k/E at every \
-point, so E·C = T·k rows, the floors' FLOPs). Mixtral: SwiGLU, no biases, dropless; \
-"index swiglu" is moelab with activation="swiglu", bias=False and Mixtral's weights.
-- Correctness checked at every point before timing (relative error <= {RTOL:.0e}): index vs \
-einsum vs loop, index vs loop for the SwiGLU layer, Mixtral vs moelab's dropless SwiGLU layer \
-(max relative errors: {max(float(e.split()[-1]) for p in points for e in p.errors):.1e}).
+- torch {torch.__version__}, {peers.versions()}
+- fp32, torch.set_num_threads({THREADS}), {omp_wait_policy()}; {rounds} rounds, candidates \
+round-robin inside each round, median of the per-round samples (a sample is the mean of enough \
+calls to last >= {MIN_SAMPLE_S * 1e3:.0f} ms)
+"""
+
+
+def run_forward(quick: bool, rounds: int, seed: int, header) -> tuple[str, tuple]:
+    """The forward grid: its points, then its report (``header(elapsed)`` heads it)."""
+    spec = QUICK_GRID if quick else FULL_GRID
+    t0 = time.perf_counter()
+    points = []
+    with torch.no_grad():
+        for T in spec["T"]:
+            for d in spec["d"]:
+                for E in spec["E"]:
+                    for k in spec["k"]:
+                        tp = time.perf_counter()
+                        p = forward_point(T, d, E, k, rounds, seed)
+                        points.append(p)
+                        print(f"forward T={T} d={d} E={E} k={k}: " + ", ".join(
+                            f"{n} {fmt(v, 2)}" for n, v in p.ms.items() if v)
+                            + f" ms [{time.perf_counter() - tp:.0f} s]", flush=True)
+    return forward_report(points, header(time.perf_counter() - t0)), (START, END, NOTES)
+
+
+def forward_report(points: list[Point], head: str) -> str:
+    notes = sorted({n for p in points for n in p.notes} | set(peers.missing()))
+    worst = max(float(e.split()[-1]) for p in points for e in p.errors)
+    return f"""{head}- Forward of T tokens, eval, no_grad. moelab and DeepSpeed: GELU experts with \
+biases, capacity factor 1.0, min capacity 4 (C = T·k/E at every point, so E·C = T·k rows, the \
+floors' FLOPs). Every peer holds views of a moelab layer's weights and was checked against it \
+before timing (largest relative error {worst:.1e}).
 {"".join(f"- Note: {n}" + chr(10) for n in notes)}
 ## Median wall-clock ms per forward, and ratios
 
-Ratios > 1 in the last four columns: index is faster. "dropped": routes over capacity (random
-router weights; the floors have no drops, and every candidate but Mixtral drops the same routes).
+Ratios < 1 against a peer: moelab is faster. With capacity ("dropped": routes over capacity,
+random router weights; the floors have no drops):
 
-{table(points)}
+{forward_table(points, "ms", "capacity")}
+
+Dropless (every route kept; DeepSpeed's no-drop mode pads every expert to the largest load):
+
+{forward_table(points, "ms", "dropless")}
 
 Goals (wall clock):
 
-{goals(points)}
+{forward_goals(points)}
 
-## Median CPU ms per forward (both threads summed), and ratios
+## Median CPU ms per forward (both threads summed)
 
-The same runs measured with `time.process_time()`: this does not count the time the process
-waits while other processes hold the cores, so it is steadier than wall time on a shared machine.
-It does count the OpenMP threads' spin-waiting.
+{forward_table(points, "cpu", "capacity")}
 
-{table(points, "cpu")}
+{forward_table(points, "cpu", "dropless")}
 
 Goals (CPU time):
 
-{goals(points, "cpu")}
+{forward_goals(points, "cpu")}
 
-## Where "index" spends its time
+## Which code ran moelab's experts at each point
 
-Its pieces on precomputed inputs, timed in the same rotation: the router (gate logits and
-`route`), dispatch (the mapping table's gather into [E, C, d]), the experts (two `baddbmm` and
-the activation) and combine (the gather back and the weighted sum over k). Wall clock:
+`Experts.path`: "bank" (capacity layout, every expert in one batched matmul per matrix),
+"grouped_mm" (packed dropless rows through torch.nn.functional.grouped_mm, no padding),
+"segments" (only the experts that have rows, one by one), "padded" (float64 only).
 
-{breakdown_table(points)}
-
-CPU time:
-
-{breakdown_table(points, "cpu")}
+{paths_table(points)}
 """
-    print()
-    for clock in ("ms", "cpu"):
-        print(f"== {'wall' if clock == 'ms' else 'CPU'} ms ==")
-        print(table(points, clock))
-        print()
-        print(goals(points, clock))
-        print()
-        print(breakdown_table(points, clock))
-        print()
-    if args.out is not None:  # replace (or add) this script's section; keep the others
-        write_section(args.out, START, END, report, notes=NOTES, first=True)
-        print(f"\nwrote {args.out}")
+
+
+# ---------------------------------------------------------------------------------------- main
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--grids", default="forward,decode,train",
+                    help="comma-separated: forward, decode, train (default: all three)")
+    ap.add_argument("--quick", action="store_true", help="tiny grids in seconds (smoke test)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="timing rounds per grid point (default 5, or 3 with --quick)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="write the reports (markdown) here, e.g. benchmarks/RESULTS.md")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    rounds = args.rounds or (3 if args.quick else 5)
+    grids = [g.strip() for g in args.grids.split(",") if g.strip()]
+    unknown = sorted(set(grids) - {"forward", "decode", "train"})
+    if rounds < 1 or unknown:
+        ap.error(f"--rounds must be >= 1 and --grids a list of forward, decode, train; "
+                 f"got {rounds}, {unknown}")
+    torch.set_num_threads(THREADS)
+    if peers.transformers is not None:
+        peers.transformers.logging.set_verbosity_error()
+    command = "python benchmarks/bench_layer.py " + " ".join(sys.argv[1:] if argv is None
+                                                             else argv)
+    import _grid_decode
+    import _grid_train
+
+    runs = {"forward": ("MoE layer forward benchmark (CPU)", run_forward),
+            "decode": ("MoE layer decode benchmark (CPU)", _grid_decode.run),
+            "train": ("MoE layer training-step benchmark (CPU)", _grid_train.run)}
+    for grid in grids:
+        title, run = runs[grid]
+        head = functools.partial(header, title, command,
+                                 datetime.datetime.now(datetime.timezone.utc),
+                                 load_before=load_average_warning(), rounds=rounds)
+        report, (start, end, notes) = run(args.quick, rounds, args.seed, head)
+        print("\n" + report)
+        if args.out is not None:  # replace (or add) this grid's section; keep the others
+            write_section(args.out, start, end, report, notes=notes, first=grid == "forward")
+            print(f"wrote the {grid} section of {args.out}")
     return 0
 
 

@@ -1,6 +1,7 @@
-"""bench_layer.py --quick and bench_train.py --quick: they run, and --out replaces only their own
-section of a RESULTS.md (the hand-written notes of bench_layer survive). bench_kernels and
-bench_inference have their own smoke tests (test_kernels, test_bench_inference)."""
+"""bench_layer.py --quick (its three grids: forward, decode, training step, against DeepSpeed and
+HF's blocks where installed) and bench_train.py --quick: they run, and --out replaces only their
+own sections of a RESULTS.md (the hand-written notes survive). bench_kernels and bench_inference
+have their own smoke tests (test_kernels, test_bench_inference)."""
 
 from __future__ import annotations
 
@@ -54,3 +55,10 @@ def test_quick_run_replaces_only_its_section(tmp_path, script, args, section, he
     assert "GPU TABLE, KEEP" in text  # the other sections are untouched
     if section == "bench_layer":
         assert "A hand-written reading." in body
+        assert "| grouped_mm |" in body  # which code ran the experts is reported
+        for grid, grid_heading in (("decode", "## T=1, capacity layout: time against the"),
+                                   ("train", "## Median wall-clock ms per step")):
+            marker = f"<!-- bench_layer_{grid}:start -->"
+            assert text.count(marker) == 1
+            assert grid_heading in text.split(marker, 1)[1].split(
+                f"<!-- bench_layer_{grid}:end -->", 1)[0]
