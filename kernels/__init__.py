@@ -25,6 +25,8 @@ import os
 import sys
 
 INSTALL_HINT = "pip install moelab[kernels]  (installs triton)"
+#: The activations the grouped expert FFN kernel computes (fused into its first GEMM).
+GROUPED_FFN_ACTIVATIONS = ("gelu", "relu", "swiglu")
 INTERPRETER_HINT = ("On a machine without a CUDA GPU, run the kernels in Triton's interpreter: set "
                     "TRITON_INTERPRET=1 in the environment *before* triton or moelab.kernels is "
                     "imported (TRITON_INTERPRET=1 python ..., or os.environ['TRITON_INTERPRET'] = "

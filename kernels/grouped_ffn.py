@@ -37,9 +37,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from moelab.experts import ACTIVATIONS, Experts
+from moelab.experts import Experts
 from moelab.routing import Routing
 
+from . import GROUPED_FFN_ACTIVATIONS
 from ._runtime import check_launch, is_interpreted, tl, triton
 from .permute import Table, _combine, layout, source_rows
 
@@ -357,8 +358,9 @@ def expert_ffn(x: Tensor, routing: Routing, experts: Experts, *, scattered: bool
         raise ValueError(f"experts must be a moelab.Experts; got {type(experts).__name__}")
     if not isinstance(routing, Routing):
         raise ValueError(f"routing must be a moelab.Routing; got {type(routing).__name__}")
-    if experts.activation not in ACTIVATIONS:  # pragma: no cover - Experts checks it
-        raise ValueError(f"unknown activation {experts.activation!r}")
+    if experts.activation not in GROUPED_FFN_ACTIVATIONS:
+        raise ValueError(f"the grouped FFN kernel computes {GROUPED_FFN_ACTIVATIONS}; these "
+                         f"experts use {experts.activation!r}: use backend='index'")
     if routing.num_experts != experts.num_experts:
         raise ValueError(f"routing has {routing.num_experts} experts, the bank "
                          f"{experts.num_experts}")

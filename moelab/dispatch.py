@@ -105,7 +105,7 @@ def _routes_of(rows: Tensor, flat: Tensor, all_kept: bool, zero_dropped: bool = 
     gathered = flat.index_select(0, flat_rows)  # [S·k, d]
     if zero_dropped and not all_kept:
         _zero_rows_(gathered, rows.reshape(-1) < 0)
-    return gathered.view(num_tokens, k, -1)
+    return gathered.view(num_tokens, k, flat.shape[-1])
 
 
 def _sum_routes(routes: Tensor, weight: Tensor | None = None) -> Tensor:

@@ -19,19 +19,32 @@ from torch import Tensor, nn
 
 from .config import check_choice, check_int
 
-ACTIVATIONS = ("gelu", "swiglu", "relu")
+ACTIVATIONS = ("gelu", "swiglu", "relu", "clamped_swiglu")
+GATED = ("swiglu", "clamped_swiglu")  # h = [gate | up]: the first matrix is twice as wide
+#: gpt-oss's clamped SwiGLU constants (transformers' GptOssExperts: alpha 1.702, limit 7.0)
+SWIGLU_ALPHA, SWIGLU_LIMIT = 1.702, 7.0
 
 
-def activate(h: Tensor, activation: str, inplace: bool = False) -> Tensor:
-    """GELU / ReLU on h, or SwiGLU on h = [gate | up] (Shazeer 2020): silu(gate) · up.
+def activate(h: Tensor, activation: str, inplace: bool = False, *,
+             alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT) -> Tensor:
+    """The FFN's activation on h [..., f] (gated ones on h = [gate | up], [..., 2f]):
 
-    ``inplace=True`` overwrites h (no autograd; for inference): SwiGLU then returns a view of
-    h's gate half."""
+    - "gelu" / "relu";
+    - "swiglu" (Shazeer 2020; Mixtral, Qwen, DeepSeek): silu(gate) · up;
+    - "clamped_swiglu" (gpt-oss): gate and up clamped to ``limit`` (gate from above, up both
+      ways), then gate · sigmoid(alpha · gate) · (up + 1).
+
+    ``inplace=True`` overwrites h (no autograd; for inference): a gated activation then returns a
+    view of h's gate half."""
     if activation == "gelu":
         return torch.ops.aten.gelu_(h) if inplace else F.gelu(h)
     if activation == "relu":
         return F.relu(h, inplace=inplace)
     gate, up = h.chunk(2, dim=-1)
+    if activation == "clamped_swiglu":
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+        # glu = gate · σ(α · gate); out = (up + 1) · glu
+        return gate * torch.sigmoid(alpha * gate) * (up + 1)
     if inplace:
         return F.silu(gate, inplace=True).mul_(up)
     return F.silu(gate) * up
@@ -92,13 +105,15 @@ class Experts(nn.Module):
     """
 
     def __init__(self, num_experts: int, d_model: int, d_ff: int, activation: str = "gelu",
-                 bias: bool = True) -> None:
+                 bias: bool = True, *, swiglu_alpha: float = SWIGLU_ALPHA,
+                 swiglu_limit: float = SWIGLU_LIMIT) -> None:
         super().__init__()
         self.num_experts = check_int("num_experts", num_experts)
         self.d_model, self.d_ff = check_int("d_model", d_model), check_int("d_ff", d_ff)
         self.activation = check_choice("activation", activation, ACTIVATIONS)
+        self.swiglu_alpha, self.swiglu_limit = swiglu_alpha, swiglu_limit
         self.parallel = None
-        width = 2 * d_ff if activation == "swiglu" else d_ff
+        width = 2 * d_ff if activation in GATED else d_ff
         self.w_in = nn.Parameter(torch.empty(num_experts, d_model, width))
         self.w_out = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
         self.b_in = nn.Parameter(torch.empty(num_experts, width)) if bias else None
@@ -177,7 +192,7 @@ class Experts(nn.Module):
             # h_e = act(x_e · W_in[e] + b_in[e])                                         [E, C, f]
             h = self._affine(x, self.w_in, self.b_in)
             # y_e = h_e · W_out[e] + b_out[e]                                            [E, C, d]
-            return self._affine(activate(h, self.activation), self.w_out, self.b_out)
+            return self._affine(self._act(h), self.w_out, self.b_out)
         return self._forward_inference(x)
 
     def _forward_inference(self, x: Tensor) -> Tensor:
@@ -191,10 +206,13 @@ class Experts(nn.Module):
             g = slice(start, start + group)
             b_in = None if self.b_in is None else self.b_in[g]
             b_out = None if self.b_out is None else self.b_out[g]
-            h = activate(self._affine(x[g], self.w_in[g], b_in), self.activation,
-                         inplace=True)  # [G, C, f]
+            h = self._act(self._affine(x[g], self.w_in[g], b_in), inplace=True)  # [G, C, f]
             self._affine(h, self.w_out[g], b_out, out=y[g])  # [G, C, d]
         return y
+
+    def _act(self, h: Tensor, inplace: bool = False) -> Tensor:
+        return activate(h, self.activation, inplace, alpha=self.swiglu_alpha,
+                        limit=self.swiglu_limit)
 
     @staticmethod
     def _affine(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor | None = None
@@ -212,7 +230,7 @@ class Experts(nn.Module):
         inference = out is not None
         # h = act(x · W_in[e] + b_in[e])                                                [n, f]
         h = rows @ w_in[e] if b_in is None else torch.addmm(b_in[e], rows, w_in[e])
-        h = activate(h, self.activation, inplace=inference)
+        h = self._act(h, inplace=inference)
         # y = h · W_out[e] + b_out[e]                                                   [n, d]
         if b_out is None:
             return torch.mm(h, w_out[e], out=out)
@@ -287,7 +305,7 @@ class Experts(nn.Module):
             return out + _as(bias, rows.dtype).repeat_interleave(load, dim=0,
                                                                  output_size=num_rows)
 
-        h = activate(affine(x, self.w_in, self.b_in), self.activation)  # [N, f]
+        h = self._act(affine(x, self.w_in, self.b_in))  # [N, f]
         return affine(h, self.w_out, self.b_out)  # [N, d]
 
     def _packed_padded(self, x: Tensor, offsets: Tensor, load: Tensor,

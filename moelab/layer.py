@@ -22,11 +22,11 @@ from torch import Tensor, nn
 
 from .config import Config, check_int, documented, option, resolve
 from .dispatch import BACKENDS, Combine, Dispatch, check_backend
-from .experts import ACTIVATIONS, Experts, activate
+from .experts import ACTIVATIONS, GATED, SWIGLU_ALPHA, SWIGLU_LIMIT, Experts, activate
 from .router import Router, RouterConfig
 from .routing import Routing
 
-RESIDUAL_GATES = ("softmax", "sigmoid")
+RESIDUAL_GATES = ("softmax", "sigmoid", "none")
 RUNNERS = ("local", "fused", "parallel")
 
 
@@ -39,18 +39,32 @@ class MoEConfig(Config):
 
     router: RouterConfig = option(RouterConfig(), "the gate's options (see RouterConfig)",
                                   kind="config")
-    activation: str = option("gelu", "the FFN activation: 'gelu' (the paper's GPT), 'swiglu' or "
-                                     "'relu'; a GPT's dense FFNs use it too",
-                             choices=ACTIVATIONS)
-    bias: bool = option(True, "biases in the experts and in the residual MLP")
+    activation: str = option(
+        "gelu", "the FFN activation: 'gelu' (the paper's GPT), 'swiglu' (Mixtral, Qwen, "
+                "DeepSeek), 'relu' (Switch) or 'clamped_swiglu' (gpt-oss); a GPT's dense FFNs "
+                "use it too", choices=ACTIVATIONS)
+    swiglu_alpha: float = option(SWIGLU_ALPHA, "clamped_swiglu's sigmoid scale (gpt-oss: "
+                                               "1.702)", above=0)
+    swiglu_limit: float = option(SWIGLU_LIMIT, "clamped_swiglu's clamp (gpt-oss: 7.0)", above=0)
+    bias: bool = option(True, "biases in the experts, the residual MLP and a GPT's dense FFNs "
+                              "(gpt-oss's experts have them; Mixtral's, Qwen's and DeepSeek's "
+                              "do not)")
+    expert_d_ff: int | None = option(
+        None, "the routed experts' hidden width; None = d_ff. Fine-grained experts (DeepSeekMoE, "
+              "Dai et al. 2024; Qwen3-MoE) are m× more experts of width d_ff/m with k·m chosen: "
+              "the same active FLOPs (`moelab.modern.fine_grained`)", kind="int", low=1)
     residual: bool = option(
         False, "Residual-MoE (§4.1.2): a dense MLP beside the experts, "
-               "y = g₀(x)·MoE(x) + g₁(x)·MLP(x) with g = softmax(W_c x + b_c)")
+               "y = g₀(x)·MoE(x) + g₁(x)·MLP(x) with g = softmax(W_c x + b_c). Its descendants "
+               "are the shared experts of DeepSeekMoE / DeepSeek-V3 / Llama 4 (residual_gate "
+               "'none': the fixed MLP without the learned mix) and Qwen-MoE (gate 'sigmoid')")
     residual_gate: str = option(
-        "softmax", "'softmax' (DeepSpeed's two-way mix) or 'sigmoid' (Qwen-MoE's shared "
-                   "expert: y = MoE(x) + sigmoid(w·x)·MLP(x))", choices=RESIDUAL_GATES)
-    residual_d_ff: int | None = option(None, "the residual MLP's hidden width; None = d_ff",
-                                       kind="int", low=1)
+        "softmax", "'softmax' (DeepSpeed's two-way mix), 'sigmoid' (Qwen-MoE's shared expert: "
+                   "y = MoE(x) + sigmoid(w·x)·MLP(x)) or 'none' (DeepSeekMoE's shared experts: "
+                   "y = MoE(x) + MLP(x))", choices=RESIDUAL_GATES)
+    residual_d_ff: int | None = option(
+        None, "the residual MLP's hidden width; None = d_ff. n shared experts of width w are one "
+              "MLP of width n·w", kind="int", low=1)
     backend: str = option("index", "'index' (the mapping table), 'einsum' (GShard's one-hot "
                                    "masks) or 'triton' (the mapping table in Triton kernels)",
                           choices=BACKENDS)
@@ -64,16 +78,20 @@ class MoEConfig(Config):
 class MLP(nn.Module):
     """A dense FFN d -> d_ff -> d: the residual branch of Residual-MoE (and a dense block)."""
 
-    def __init__(self, d_model: int, d_ff: int, activation: str = "gelu", bias: bool = True):
+    def __init__(self, d_model: int, d_ff: int, activation: str = "gelu", bias: bool = True, *,
+                 swiglu_alpha: float = SWIGLU_ALPHA, swiglu_limit: float = SWIGLU_LIMIT):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}; got {activation!r}")
         self.activation = activation
-        self.fc_in = nn.Linear(d_model, 2 * d_ff if activation == "swiglu" else d_ff, bias=bias)
+        self.swiglu_alpha, self.swiglu_limit = swiglu_alpha, swiglu_limit
+        self.fc_in = nn.Linear(d_model, 2 * d_ff if activation in GATED else d_ff, bias=bias)
         self.fc_out = nn.Linear(d_ff, d_model, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc_out(activate(self.fc_in(x), self.activation))
+        h = activate(self.fc_in(x), self.activation, alpha=self.swiglu_alpha,
+                     limit=self.swiglu_limit)
+        return self.fc_out(h)
 
 
 class MoE(nn.Module):
@@ -98,17 +116,19 @@ class MoE(nn.Module):
         self.num_experts = check_int("num_experts", num_experts)
         check_backend(config.backend)
         self._config = config
+        activation = dict(activation=config.activation, bias=config.bias,
+                          swiglu_alpha=config.swiglu_alpha, swiglu_limit=config.swiglu_limit)
         self.router = Router(d_model, num_experts, config.router, generator=generator)
         self.dispatch = Dispatch(config.backend)
-        self.experts = Experts(num_experts, d_model, d_ff, activation=config.activation,
-                               bias=config.bias)
+        self.experts = Experts(num_experts, d_model, config.expert_d_ff or d_ff, **activation)
         self.combine = Combine(config.backend)
         if config.residual:
-            self.mlp = MLP(d_model, config.residual_d_ff or d_ff, activation=config.activation,
-                           bias=config.bias)
-            # DeepSpeed: a 2-way softmax mix (Linear(d, 2) with bias); Qwen: a sigmoid gate
-            sigmoid = config.residual_gate == "sigmoid"
-            self.coefficient = nn.Linear(d_model, 1 if sigmoid else 2, bias=not sigmoid)
+            self.mlp = MLP(d_model, config.residual_d_ff or d_ff, **activation)
+            # DeepSpeed: a 2-way softmax mix (Linear(d, 2) with bias); Qwen: a sigmoid gate;
+            # DeepSeekMoE's shared experts: none
+            if config.residual_gate != "none":
+                sigmoid = config.residual_gate == "sigmoid"
+                self.coefficient = nn.Linear(d_model, 1 if sigmoid else 2, bias=not sigmoid)
         self.choose_runner()
 
     # ---- what runs the experts, chosen once
@@ -145,7 +165,13 @@ class MoE(nn.Module):
         by the constructor, `set_backend` and `parallelize`)."""
         fused = self.backend == "triton" and self.parallel is None
         if fused:
+            from .kernels import GROUPED_FFN_ACTIVATIONS
             from .kernels.gating import fused_route  # the layer imports the kernels, never
+
+            if self.experts.activation not in GROUPED_FFN_ACTIVATIONS:
+                raise ValueError(f"backend='triton': the grouped FFN kernel computes "
+                                 f"{GROUPED_FFN_ACTIVATIONS}, not {self.experts.activation!r}; "
+                                 "use backend='index'")
             self.router.fused_gate = fused_route  # the router
         else:
             self.router.fused_gate = None
@@ -175,11 +201,15 @@ class MoE(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Routing]:
         self._check_input(x)
         tokens = x.reshape(-1, self.d_model)  # [..., d] -> [S, d]
-        routing = self.router(tokens)  # the gate writes the mapping table
+        # the gate writes the mapping table ([B, T, d] input: sequences of T tokens)
+        routing = self.router(tokens, x.shape[-2] if x.dim() >= 3 else None)
         buffer = self.dispatch(tokens, routing)  # [E, C, d] or packed [N, d]
         expert_out = self._RUNNERS[self.runner](self, buffer, routing)  # same layout
         y = self.combine(expert_out, routing).to(x.dtype)  # [S, d]
-        if self.residual and self._config.residual_gate == "sigmoid":
+        if self.residual and self._config.residual_gate == "none":
+            # DeepSeekMoE's shared experts: y = MoE(x) + MLP(x), always on, no learned mix
+            y = y + self.mlp(tokens)
+        elif self.residual and self._config.residual_gate == "sigmoid":
             # Qwen-MoE's shared expert: y = MoE(x) + sigmoid(w · x) · MLP(x)
             y = y + torch.sigmoid(self.coefficient(tokens)) * self.mlp(tokens)
         elif self.residual:

@@ -52,6 +52,10 @@ class GPTConfig(Config):
         0, "experts per MoE layer: 0 (dense), an int, 'a/b' (Pyramid) or one count per MoE "
            "layer", kind="any")
     moe_every: int = option(2, "layer i (1-based) is MoE iff i % moe_every == 0", low=1)
+    first_dense: int = option(0, "the first layers that stay dense whatever moe_every says "
+                                 "(DeepSeek-V3: 3, first_k_dense_replace)", low=0)
+    tie_embeddings: bool = option(True, "the LM head is the token embedding (GPT-2, Megatron); "
+                                        "False: its own matrix (DeepSeek-V3, Qwen3)")
     moe: MoEConfig = option(MoEConfig(), "every MoE layer's options (see MoEConfig)",
                             kind="config")
     aux_loss_coef: float = option(0.01, "weight of Σ l_aux in the loss", low=0)
@@ -71,10 +75,11 @@ class GPTConfig(Config):
     @property
     def moe_layers(self) -> tuple[int, ...]:
         """0-based indices of the MoE layers: layer i (1-based) is MoE iff i % moe_every == 0
-        (Megatron-DeepSpeed's rule), and none for a dense model."""
+        (Megatron-DeepSpeed's rule) and i > first_dense, and none for a dense model."""
         if self.experts in (0, "0", ()):
             return ()
-        return tuple(i for i in range(self.n_layer) if (i + 1) % self.moe_every == 0)
+        return tuple(i for i in range(self.first_dense, self.n_layer)
+                     if (i + 1) % self.moe_every == 0)
 
     @property
     def expert_schedule(self) -> tuple[int, ...]:
@@ -148,6 +153,23 @@ PRESETS: dict[str, GPTConfig] = {
         _paper("serve_8b_moe128", 40, 4096, 32, experts=128),
         _paper("serve_24b_moe128", 30, 8192, 64, experts=128),
         _paper("serve_47b_moe128", 58, 8192, 64, experts=128),
+        # MoE after DeepSpeed (moelab.modern): the published configs, in moelab's GPT. moelab's
+        # attention is plain multi-head with learned positions, so the presets keep a 4K context
+        # (these models use RoPE: no position table) and count 4·d² per attention layer where
+        # DeepSeek-V3 has MLA (~9% fewer) and Qwen3 grouped-query attention (~12% more): under
+        # 2% of either total (moelab.modern.PUBLISHED_SIZES compares).
+        GPTConfig.create(
+            name="deepseek_v3", vocab_size=129280, block_size=4096, n_layer=61, d_model=7168,
+            n_head=128, d_ff=18432, experts=256, moe_every=1, first_dense=3,
+            tie_embeddings=False, activation="swiglu", bias=False, expert_d_ff=2048,
+            residual=True, residual_gate="none", residual_d_ff=2048, k=8, score="sigmoid",
+            renormalize=True, routed_scaling_factor=2.5, n_group=8, topk_group=4,
+            drop_tokens=False, bias_update_rate=0.001),
+        GPTConfig.create(
+            name="qwen3_30b_a3b", vocab_size=151936, block_size=4096, n_layer=48, d_model=2048,
+            n_head=32, d_ff=6144, experts=128, moe_every=1, tie_embeddings=False,
+            activation="swiglu", bias=False, expert_d_ff=768, k=8, renormalize=True,
+            drop_tokens=False, balance_loss="global"),
     ]
 }
 
@@ -321,7 +343,10 @@ class Block(nn.Module):
         if num_experts:
             self.ffn = MoE(config.d_model, config.ffn_dim, num_experts, config.moe)
         else:
-            self.ffn = MLP(config.d_model, config.ffn_dim, activation=config.moe.activation)
+            moe = config.moe
+            self.ffn = MLP(config.d_model, config.ffn_dim, activation=moe.activation,
+                           bias=moe.bias, swiglu_alpha=moe.swiglu_alpha,
+                           swiglu_limit=moe.swiglu_limit)
         self.dropout = nn.Dropout(config.dropout)
 
     @property
@@ -356,7 +381,8 @@ def _sum_losses(routings: list[Routing], name: str, zero: Tensor) -> Tensor:
 
 
 class GPT(nn.Module):
-    """A GPT decoder: token + position embeddings, n_layer blocks, final LayerNorm, tied head."""
+    """A GPT decoder: token + position embeddings, n_layer blocks, final LayerNorm, LM head (tied
+    to the token embedding unless ``tie_embeddings=False``)."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -369,7 +395,8 @@ class GPT(nn.Module):
                                     for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.d_model)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied, as in GPT-2 / Megatron
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight  # tied, as in GPT-2 / Megatron
         if not any(p.is_meta for p in self.parameters()):
             self._init_weights()
 

@@ -27,10 +27,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import Config, check_int, documented, option, resolve
-from .losses import aux_loss, z_loss
+from .losses import (
+    aux_loss,
+    global_balance_loss,
+    sequence_balance_loss,
+    z_loss,
+    z_loss_of_logits,
+)
 from .routing import Routing, deferred, expert_capacity, rank_within_expert
 
 JITTER_EPS = 1e-2  # DeepSpeed's multiplicative_jitter epsilon
+SCORES = ("softmax", "sigmoid")
+BALANCE_LOSSES = ("deepspeed", "sequence", "global")
 
 
 @documented
@@ -88,8 +96,32 @@ class RouterConfig(Config):
         low=0)
     renormalize: bool | None = option(
         None, "divide a token's kept weights by their sum; None = DeepSpeed's choice per k "
-              "(top-1 no, top-k > 1 yes). Mixtral renormalises; Qwen1.5-MoE "
-              "(norm_topk_prob=False) does not", kind="bool")
+              "(top-1 no, top-k > 1 yes). Mixtral and gpt-oss take a softmax over the k chosen "
+              "logits (softmax after top-k), which is the renormalised softmax: True. Qwen3 and "
+              "DeepSeek-V3 renormalise (norm_topk_prob=True); OLMoE and Qwen1.5-MoE do not",
+        kind="bool")
+    score: str = option(
+        "softmax", "how logits become expert scores: 'softmax' over the experts (DeepSpeed, "
+                   "Mixtral, Qwen, OLMoE, gpt-oss) or 'sigmoid' per expert (DeepSeek-V3, Llama "
+                   "4: the weights are the chosen sigmoids, renormalised as renormalize says)",
+        choices=SCORES)
+    routed_scaling_factor: float = option(
+        1.0, "multiplies the routed experts' combine weights after any renormalisation "
+             "(DeepSeek-V3: 2.5)", above=0)
+    n_group: int = option(
+        1, "group-limited (node-limited) top-k (DeepSeek-V2/V3): the experts form n_group "
+           "equal groups (on DeepSeek's machines, nodes) and each token chooses only inside its "
+           "topk_group best; 1 = no groups", low=1)
+    topk_group: int = option(
+        1, "with n_group > 1: the groups each token keeps, ranked by the sum of each group's "
+           "top-2 scores (DeepSeek-V3)", low=1)
+    balance_loss: str = option(
+        "deepspeed", "the load-balancing loss Routing.aux_loss holds: 'deepspeed' (the batch's, "
+                     "DeepSpeed's formula for each k), 'sequence' (DeepSeek-V3's sequence-wise "
+                     "loss, averaged over the sequences) or 'global' (Qwen3's, Megatron's "
+                     "global_aux_loss: the load counted over every data-parallel rank)",
+        choices=BALANCE_LOSSES)
+    router_bias: bool = option(False, "a bias in the gate's linear map (gpt-oss)")
 
     def __post_init__(self) -> None:
         if self.noisy_gate_policy == "None":  # DeepSpeed accepts the string "None" too
@@ -101,6 +133,9 @@ class RouterConfig(Config):
             raise ValueError("noisy_gate_policy='RSample' applies to top-1 routing only (as in "
                              f"DeepSpeed); got k={self.k}. For k=2 use "
                              "second_expert_sampling=True.")
+        if self.topk_group > self.n_group:
+            raise ValueError(f"topk_group={self.topk_group} must be at most n_group="
+                             f"{self.n_group} (the groups a token may keep)")
 
     def capacity_factor_for(self, training: bool) -> float:
         """The capacity factor of a mode: capacity_factor while training, else the eval one."""
@@ -109,10 +144,18 @@ class RouterConfig(Config):
         return self.eval_capacity_factor
 
     def check_experts(self, num_experts: int) -> None:
-        """The options that depend on E: k <= E."""
+        """The options that depend on E: k <= E; n_group | E; k <= topk_group · E / n_group."""
         if self.k > num_experts:
             raise ValueError(f"k must be an integer in [1, num_experts={num_experts}]; "
                              f"got {self.k!r}")
+        if num_experts % self.n_group:
+            raise ValueError(f"n_group={self.n_group} must divide num_experts={num_experts} "
+                             "(equal groups)")
+        reachable = self.topk_group * (num_experts // self.n_group)
+        if self.k > reachable:
+            raise ValueError(f"k={self.k} is more than the {reachable} experts of topk_group="
+                             f"{self.topk_group} groups of {num_experts // self.n_group}: raise "
+                             "topk_group or lower k")
 
 
 # ------------------------------------------------------------------------------ checks
@@ -148,7 +191,8 @@ def _gumbel(shape, *, like: Tensor, generator: torch.Generator | None) -> Tensor
 
 def route(logits: Tensor, config: RouterConfig | None = None, *, training: bool = True,
           generator: torch.Generator | None = None, selection_bias: Tensor | None = None,
-          **options) -> Routing:
+          sequence_length: int | None = None,
+          reduce_counts: Callable[[Tensor], Tensor] | None = None, **options) -> Routing:
     """Route S tokens over E experts from gate logits [S, E].
 
     config: a RouterConfig; ``options`` are RouterConfig fields by name, applied on top
@@ -156,13 +200,16 @@ def route(logits: Tensor, config: RouterConfig | None = None, *, training: bool 
     training: noise, RTS and second-expert sampling happen only when True, and the capacity
         factor is ``capacity_factor`` (else ``eval_capacity_factor``).
     generator: a torch.Generator for every random draw, for reproducible routing.
-    selection_bias: [E] added to the logits *for choosing experts only*; the combine weights
-        stay the unbiased probabilities. This is DeepSeek-V3's auxiliary-loss-free load
-        balancing (Liu et al. 2024, §2.1.2), whose bias the Router updates from the load.
-        DeepSeek-V3 adds it to sigmoid affinities; moelab's router is a softmax, so it is added
-        to the logits, which orders each token's experts the same way.
+    selection_bias: [E] added to the scores *for choosing experts only*; the combine weights
+        stay the unbiased ones. This is DeepSeek-V3's auxiliary-loss-free load balancing (Liu et
+        al. 2024, §2.1.2), whose bias the Router updates from the load. DeepSeek-V3 adds it to
+        its sigmoid affinities (score="sigmoid" does the same); with the softmax score it is
+        added to the logits, which orders each token's experts as the softmax does.
+    sequence_length: tokens per sequence, for balance_loss="sequence" (None: all S are one).
+    reduce_counts: [E] -> [E] summed over the data-parallel ranks, for balance_loss="global"
+        (None: this process's batch is the global one). The Router passes its reduce_load.
 
-    Returns the Routing: mapping table, router probabilities, counts, aux loss and z-loss.
+    Returns the Routing: mapping table, router scores, counts, aux loss and z-loss.
     """
     config = resolve(RouterConfig, config, options)
     check_logits(logits)
@@ -175,17 +222,21 @@ def route(logits: Tensor, config: RouterConfig | None = None, *, training: bool 
     # routes in at least float32 (float64 stays float64, for gradcheck and references).
     logits = at_least_float32(logits)
 
-    # probs = softmax(x · W_g) over experts                                         [S, E]
-    probs = torch.softmax(logits, dim=-1)
-    top = torch.argmax(probs, dim=-1)  # [S]: each token's most probable expert
-    z = deferred(z_loss, logits, probs, top)
+    # scores: probs = softmax(x · W_g) over experts, or s = sigmoid(x · W_g) per expert  [S, E]
+    if config.score == "softmax":
+        probs = torch.softmax(logits, dim=-1)
+        top = torch.argmax(probs, dim=-1)  # [S]: each token's most probable expert
+        z = deferred(z_loss, logits, probs, top)
+    else:
+        probs = torch.sigmoid(logits)
+        top = torch.argmax(logits, dim=-1)
+        z = deferred(z_loss_of_logits, logits)
     capacity_factor = config.capacity_factor_for(training)
     if config.choice == "expert":
         return expert_choice(probs, z, config.k, capacity_factor, config.min_capacity)
 
-    expert = choose_experts(logits, top, config, training=training, generator=generator,
-                            selection_bias=selection_bias)  # [S, k]
-    aux = deferred(aux_loss, probs, expert)  # before dropping, DeepSpeed's formula for each k
+    expert = choose_experts(logits, probs, top, config, training=training,
+                            generator=generator, selection_bias=selection_bias)  # [S, k]
     if config.drop_tokens:
         capacity = expert_capacity(num_tokens, num_experts, capacity_factor, config.k,
                                    config.min_capacity)
@@ -194,19 +245,45 @@ def route(logits: Tensor, config: RouterConfig | None = None, *, training: bool 
     slot, counts = assign_slots(expert, probs, capacity, config, training=training,
                                 generator=generator)
     weight = combine_weights(probs, expert, slot, config.renormalize, dropless=capacity is None)
+    if config.routed_scaling_factor != 1.0:
+        weight = weight * config.routed_scaling_factor  # DeepSeek-V3: g · 2.5
+    # the balancing loss, from the choices before any dropping
+    aux = balance_loss(config, probs, expert, counts, sequence_length, reduce_counts)
     return Routing(expert=expert, weight=weight, slot=slot, capacity=capacity, probs=probs,
                    counts=counts, aux_loss=aux, z_loss=z)
 
 
-def choose_experts(logits: Tensor, top: Tensor, config: RouterConfig, *, training: bool,
-                   generator: torch.Generator | None = None,
+def balance_loss(config: RouterConfig, probs: Tensor, expert: Tensor, counts: Tensor,
+                 sequence_length: int | None, reduce_counts):
+    """Routing.aux_loss for config.balance_loss (a function run on first read where allowed):
+    the losses take the scores as a distribution over experts (sigmoid scores normalised)."""
+    dist = probs if config.score == "softmax" else probs / probs.sum(-1, keepdim=True).clamp(
+        min=torch.finfo(probs.dtype).tiny)
+    if config.balance_loss == "sequence":
+        return deferred(sequence_balance_loss, dist, expert, sequence_length)
+    if config.balance_loss == "global":
+        # a collective when reduce_counts is set: computed now on every rank, never deferred
+        total = counts if reduce_counts is None else reduce_counts(counts)
+        return global_balance_loss(dist, total)
+    return deferred(aux_loss, dist, expert)  # DeepSpeed's formula for each k
+
+
+def choose_experts(logits: Tensor, probs: Tensor, top: Tensor, config: RouterConfig, *,
+                   training: bool, generator: torch.Generator | None = None,
                    selection_bias: Tensor | None = None) -> Tensor:
-    """[S, E] logits -> [S, k] chosen experts (``top`` [S]: the argmax, already computed)."""
+    """[S, E] logits -> [S, k] chosen experts (``probs`` [S, E]: the scores, ``top`` [S]: the
+    argmax, both already computed)."""
     k = config.k
-    scores = logits.detach() if logits.requires_grad else logits
+    # what ranks a token's experts: the logits for the softmax score (the same order as its
+    # probabilities), the sigmoid scores themselves otherwise; + the aux-free bias
+    scores = logits if config.score == "softmax" else probs
+    scores = scores.detach() if scores.requires_grad else scores
     if selection_bias is not None:
         scores = scores + selection_bias.to(scores)
-    first = top if selection_bias is None else torch.argmax(scores, dim=-1)  # [S]
+    if config.n_group > 1:
+        scores = limit_to_groups(scores, config)
+    plain = selection_bias is None and config.n_group == 1
+    first = top if plain else torch.argmax(scores, dim=-1)  # [S]
     if k == 1:
         if config.noisy_gate_policy == "RSample" and training:
             # RSample: argmax(logits + Gumbel) picks the expert; the gate value stays clean.
@@ -222,6 +299,24 @@ def choose_experts(logits: Tensor, top: Tensor, config: RouterConfig, *, trainin
         second = torch.argmax(scores.scatter(1, first[:, None], float("-inf")), dim=-1)
         return torch.stack([first, second], dim=1)
     return torch.topk(scores, k, dim=-1).indices
+
+
+def limit_to_groups(scores: Tensor, config: RouterConfig) -> Tensor:
+    """Group-limited routing (DeepSeek-V2/V3): -inf outside each token's topk_group best groups.
+
+    The E experts form n_group equal groups; a group's score is the sum of its top-2 choice
+    scores (DeepSeek-V3: its sigmoid affinities plus the aux-free bias; with the softmax score,
+    the logits plus the bias); each token keeps its topk_group best groups and chooses its k
+    experts inside them."""
+    num_tokens, num_experts = scores.shape
+    per_group = num_experts // config.n_group
+    # group_score[s, g] = Σ of the top-min(2, E/G) choice scores of group g              [S, G]
+    grouped = scores.view(num_tokens, config.n_group, per_group)
+    group_score = grouped.topk(min(2, per_group), dim=-1).values.sum(-1)
+    kept = torch.zeros_like(group_score, dtype=torch.bool)
+    kept.scatter_(1, group_score.topk(config.topk_group, dim=-1).indices, True)  # [S, G]
+    mask = kept[:, :, None].expand(-1, -1, per_group).reshape(num_tokens, num_experts)
+    return scores.masked_fill(~mask, float("-inf"))
 
 
 def assign_slots(expert: Tensor, probs: Tensor, capacity: int | None, config: RouterConfig, *,
@@ -318,8 +413,9 @@ def expert_choice(probs: Tensor, z: Tensor, k: int, capacity_factor: float,
 # ------------------------------------------------------------------------------ Router
 
 def gate_logits(x: Tensor, weight: Tensor, jitter: bool = False,
-                generator: torch.Generator | None = None) -> Tensor:
-    """[S, d] · W_g[E, d]ᵀ -> [S, E] logits in at least float32 (fp16/bf16 route in fp32).
+                generator: torch.Generator | None = None, bias: Tensor | None = None) -> Tensor:
+    """[S, d] · W_g[E, d]ᵀ (+ b [E]) -> [S, E] logits in at least float32 (fp16/bf16 route in
+    fp32).
 
     jitter: Switch Transformer's / DeepSpeed's "Jitter", x · U(1 - ε, 1 + ε) with ε = 1e-2.
     """
@@ -327,7 +423,9 @@ def gate_logits(x: Tensor, weight: Tensor, jitter: bool = False,
     if jitter:
         noise = torch.rand(x.shape, device=x.device, generator=generator)
         x = x * (1 - JITTER_EPS + 2 * JITTER_EPS * noise)
-    return F.linear(x, weight if weight.dtype == x.dtype else weight.to(x.dtype))
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    return F.linear(x, weight if weight.dtype == x.dtype else weight.to(x.dtype), bias)
 
 
 def at_least_float32(t: Tensor) -> Tensor:
@@ -368,9 +466,13 @@ class Router(nn.Module):
         self.generator = generator
         self.fused_gate: FusedGate | None = None
         self.reduce_load: Callable[[Tensor], Tensor] | None = None  # [E] -> [E], summed
-        # The gate weight W_g [E, d] (nn.Linear(d, E, bias=False) layout and init).
+        # The gate weight W_g [E, d] (nn.Linear(d, E) layout and init); a bias with router_bias.
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        self.bias = None
+        if self.config.router_bias:
+            bound = 1 / math.sqrt(d_model)
+            self.bias = nn.Parameter(torch.empty(num_experts).uniform_(-bound, bound))
         self.register_buffer("selection_bias", torch.zeros(num_experts),
                              persistent=self.config.bias_update_rate > 0)
 
@@ -395,7 +497,8 @@ class Router(nn.Module):
             raise ValueError(f"router input's last dim must be d_model={self.d_model}; "
                              f"got shape {tuple(x.shape)}")
         jitter = self.config.noisy_gate_policy == "Jitter" and self.training
-        return gate_logits(x, self.weight, jitter=jitter, generator=self.generator)
+        return gate_logits(x, self.weight, jitter=jitter, generator=self.generator,
+                           bias=self.bias)
 
     def fused_eligible(self, logits: Tensor) -> bool:
         """Whether a fused gate (``moelab.kernels.fused_route``) gives this router's answer:
@@ -405,18 +508,22 @@ class Router(nn.Module):
         config = self.config
         return (not self.training and config.k <= 2 and config.choice == "token"
                 and config.drop_policy == "position" and config.bias_update_rate == 0
+                and config.score == "softmax" and config.n_group == 1
+                and config.routed_scaling_factor == 1.0 and config.balance_loss == "deepspeed"
                 and logits.dtype == torch.float32
                 and not (logits.requires_grad and torch.is_grad_enabled()))
 
-    def forward(self, x: Tensor) -> Routing:
-        """[S, d] -> Routing."""
+    def forward(self, x: Tensor, sequence_length: int | None = None) -> Routing:
+        """[S, d] -> Routing (``sequence_length``: tokens per sequence, for the sequence-wise
+        balance loss)."""
         logits = self.logits(x)
         if self.fused_gate is not None and self.fused_eligible(logits):
             return self.fused_gate(logits, self.config)
         config = self.config  # (Jitter was applied to the input above; route ignores it)
         aux_free = config.bias_update_rate > 0
         routing = route(logits, config, training=self.training, generator=self.generator,
-                        selection_bias=self.selection_bias if aux_free else None)
+                        selection_bias=self.selection_bias if aux_free else None,
+                        sequence_length=sequence_length, reduce_counts=self.reduce_load)
         if aux_free and self.training:
             counts = routing.counts if self.reduce_load is None else self.reduce_load(
                 routing.counts)

@@ -59,10 +59,12 @@ class DeferredField:
         instance.__dict__[self.stored] = value
 
 
-def deferred(compute, *inputs: Tensor):
-    """``compute(*inputs)`` now when autograd needs its graph (an input requires grad, or
-    torch.compile is tracing), else a function that computes it on first read."""
-    if torch.compiler.is_compiling() or any(t.requires_grad for t in inputs):
+def deferred(compute, *inputs):
+    """``compute(*inputs)`` now when autograd needs its graph (a tensor input requires grad, or
+    torch.compile is tracing), else a function that computes it on first read. Inputs that are
+    not tensors (a sequence length) pass through."""
+    needs_graph = any(isinstance(t, Tensor) and t.requires_grad for t in inputs)
+    if torch.compiler.is_compiling() or needs_graph:
         return compute(*inputs)
     return functools.partial(compute, *inputs)
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from .config import check_int
 from .exchanges import check_exchange, hops
 from .model import PRESETS, GPTConfig, preset
-from .sizing import BYTES_PER_PARAM, PAPER_SIZES_B, ffn_params
+from .sizing import BYTES_PER_PARAM, PAPER_SIZES_B, block_params
 
 GB = 1e9
 
@@ -143,28 +143,18 @@ def serving_config(model: str | GPTConfig, variant: str = "moe") -> GPTConfig:
 
 def layer_params(config: GPTConfig) -> list[dict]:
     """Parameters of every block, split as the serving model reads them: ``shared`` (attention,
-    norms, dense FFN, gate, residual MLP: tensor-sliced) and, for MoE blocks, ``experts`` (count)
-    and ``expert`` (one expert's FFN). Sums to `moelab.sizing.size` (tested)."""
-    d = config.d_model
-    ffn = ffn_params(d, config.ffn_dim, config.moe.activation)
-    attention = 4 * d * d + 4 * d + 4 * d  # qkv, output projection, two LayerNorms
-    experts_by_layer = dict(zip(config.moe_layers, config.expert_schedule, strict=True))
-    blocks = []
-    for layer in range(config.n_layer):
-        num_experts = experts_by_layer.get(layer, 0)
-        if not num_experts:
-            blocks.append({"shared": attention + ffn, "experts": 0, "expert": 0,
-                           "residual": False})
-            continue
-        residual = (ffn + 2 * d + 2) if config.moe.residual else 0
-        blocks.append({"shared": attention + num_experts * d + residual,
-                       "experts": num_experts, "expert": ffn, "residual": config.moe.residual})
-    return blocks
+    norms, dense FFN, gate, residual MLP or shared experts: tensor-sliced) and, for MoE blocks,
+    ``experts`` (count) and ``expert`` (one routed expert's FFN); from `moelab.sizing.block_params`,
+    so they sum to `moelab.sizing.size` (tested)."""
+    return [{"shared": b["attention"] + b["ffn"] + b["gate"] + b["residual"],
+             "experts": b["experts"], "expert": b["expert"], "residual": b["residual"] > 0}
+            for b in block_params(config)]
 
 
 def embedding_params(config: GPTConfig) -> int:
-    """Token + position embeddings and the final LayerNorm (the LM head is tied)."""
-    return config.vocab_size * config.d_model + config.block_size * config.d_model \
+    """Token + position embeddings, an untied LM head, and the final LayerNorm."""
+    head = 0 if config.tie_embeddings else config.vocab_size * config.d_model
+    return config.vocab_size * config.d_model + config.block_size * config.d_model + head \
         + 2 * config.d_model
 
 
@@ -386,7 +376,7 @@ def predict(model: str | GPTConfig, gpus: int, hardware: str | Hardware = "A100-
             rows_bytes = rows / local * d * nbytes if local else 0.0
             parts["allgather"] += 2 * _collective(slicing - 1, 0, rows_bytes * (slicing - 1),
                                                   hw.nvlink_bw, hw)
-    # Embeddings (a lookup) and the tied LM head, tensor-sliced over the vocabulary.
+    # Embeddings (a lookup) and the LM head, tensor-sliced over the vocabulary.
     head = config.vocab_size * d / L
     weights_on_gpu += embedding_params(config) / L
     roofline(head * nbytes, 0.0, 2 * head * tokens)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .experts import GATED
 from .model import PRESETS, GPTConfig
 
 BYTES_PER_PARAM = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
@@ -36,52 +37,76 @@ class Size:
     total: int  # every parameter
     active: int  # parameters one token's forward pass uses (k experts per MoE layer)
     expert: int  # parameters inside expert banks
-    embedding: int  # token + position embeddings (the LM head is tied to the token embedding)
+    embedding: int  # token + position embeddings (an untied LM head is not counted here)
     flops_per_token: int  # forward FLOPs per token at full context (Kaplan et al. 2020)
 
     @property
     def non_expert(self) -> int:
         return self.total - self.expert
 
+    @property
+    def active_without_embedding(self) -> int:
+        """``active`` without the token and position tables (a token reads one row of each):
+        the convention of reports that count only the matrices a token is multiplied by
+        (DeepSeek-V3's 37B; GPT-3-style names, 1.3B, count the tables)."""
+        return self.active - self.embedding
+
     def weight_bytes(self, dtype: str = "fp16") -> int:
         return self.total * BYTES_PER_PARAM[dtype]
 
 
 def ffn_params(d_model: int, d_ff: int, activation: str = "gelu", bias: bool = True) -> int:
-    """One FFN: d -> f (2f for SwiGLU) -> d, with biases."""
-    width = 2 * d_ff if activation == "swiglu" else d_ff
+    """One FFN: d -> f (2f for a gated activation) -> d, with or without biases."""
+    width = 2 * d_ff if activation in GATED else d_ff
     return d_model * width + d_ff * d_model + ((width + d_model) if bias else 0)
+
+
+def block_params(config: GPTConfig) -> list[dict]:
+    """Parameters of every block, by part: ``attention`` (qkv, output projection, the two
+    LayerNorms), ``ffn`` (a dense block's FFN), ``experts`` (the count), ``expert`` (one routed
+    expert's FFN), ``gate`` (the router), ``residual`` (the MLP beside the experts: Residual-MoE,
+    or shared experts, and its gate). The one place a block's shape becomes a count:
+    `size` and the serving cost model both read it."""
+    d, moe = config.d_model, config.moe
+    attention = 4 * d * d + 4 * d + 4 * d  # qkv (3d² + 3d), projection (d² + d), 2 LayerNorms
+    dense = ffn_params(d, config.ffn_dim, moe.activation, moe.bias)
+    expert = ffn_params(d, moe.expert_d_ff or config.ffn_dim, moe.activation, moe.bias)
+    residual = 0
+    if moe.residual:
+        residual = ffn_params(d, moe.residual_d_ff or config.ffn_dim, moe.activation, moe.bias)
+        residual += {"softmax": 2 * d + 2, "sigmoid": d, "none": 0}[moe.residual_gate]
+    experts_by_layer = dict(zip(config.moe_layers, config.expert_schedule, strict=True))
+    blocks = []
+    for layer in range(config.n_layer):
+        num_experts = experts_by_layer.get(layer, 0)
+        if not num_experts:
+            blocks.append(dict(attention=attention, ffn=dense, experts=0, expert=0, gate=0,
+                               residual=0))
+            continue
+        gate = num_experts * d + (num_experts if moe.router.router_bias else 0)
+        blocks.append(dict(attention=attention, ffn=0, experts=num_experts, expert=expert,
+                           gate=gate, residual=residual))
+    return blocks
 
 
 def size(config: GPTConfig) -> Size:
     """Count every parameter of GPT(config) from the config alone."""
-    d, f, L = config.d_model, config.ffn_dim, config.n_layer
-    ffn = ffn_params(d, f, config.moe.activation)
-    attention = 4 * d * d + 4 * d  # qkv (3d² + 3d) and output projection (d² + d)
-    norms = 4 * d  # two LayerNorms per block
-    experts_by_layer = dict(zip(config.moe_layers, config.expert_schedule, strict=True))
-    total = active = expert = 0
-    for layer in range(L):
-        total += attention + norms
-        active += attention + norms
-        num_experts = experts_by_layer.get(layer, 0)
-        if not num_experts:
-            total += ffn
-            active += ffn
-            continue
-        gate = num_experts * d
-        residual = (ffn + 2 * d + 2) if config.moe.residual else 0  # dense MLP + coefficient
-        total += num_experts * ffn + gate + residual
-        active += min(config.moe.router.k, num_experts) * ffn + gate + residual
-        expert += num_experts * ffn
+    d, k = config.d_model, config.moe.router.k
+    total = active = expert_total = 0
+    for block in block_params(config):
+        shared = block["attention"] + block["ffn"] + block["gate"] + block["residual"]
+        total += shared + block["experts"] * block["expert"]
+        active += shared + min(k, block["experts"]) * block["expert"]
+        expert_total += block["experts"] * block["expert"]
     embedding = config.vocab_size * d + config.block_size * d
-    total += embedding + 2 * d  # + final LayerNorm
-    active += embedding + 2 * d
-    # Forward FLOPs per token: 2 per multiply-add of every matrix the token meets (the tied LM
-    # head included, embeddings excluded), plus attention scores and mixing, 2·L·n_ctx·d.
-    matmul_params = active - embedding - 2 * d + config.vocab_size * d
-    flops = 2 * matmul_params + 2 * L * config.block_size * d
-    return Size(total=total, active=active, expert=expert, embedding=embedding,
+    head = 0 if config.tie_embeddings else config.vocab_size * d
+    total += embedding + head + 2 * d  # + final LayerNorm
+    active += embedding + head + 2 * d
+    # Forward FLOPs per token: 2 per multiply-add of every matrix the token meets (the LM head
+    # included, embeddings excluded), plus attention scores and mixing, 2·L·n_ctx·d.
+    matmul_params = active - embedding - 2 * d + (config.vocab_size * d if not head else 0)
+    flops = 2 * matmul_params + 2 * config.n_layer * config.block_size * d
+    return Size(total=total, active=active, expert=expert_total, embedding=embedding,
                 flops_per_token=flops)
 
 

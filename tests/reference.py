@@ -97,3 +97,45 @@ def reference_moe_forward(layer, x: torch.Tensor, routing) -> torch.Tensor:
             y = coef[0] * y + coef[1] * layer.mlp(tokens[s])
         rows.append(y)
     return torch.stack(rows).view(x.shape)
+
+
+def reference_modern_choice(logits: torch.Tensor, *, k: int, score: str = "softmax",
+                            n_group: int = 1, topk_group: int = 1, scale: float = 1.0,
+                            renormalize: bool | None = None, bias=None):
+    """Dropless token-choice routing as today's models do it, one token at a time, written from
+    the papers: scores (softmax over experts, or a sigmoid per expert); choice scores = the
+    sigmoid scores (or, for the softmax, the logits) + bias, for choosing only; group-limited
+    top-k (a group's score: the sum of its top-2 choice scores; keep topk_group groups), the k
+    best experts inside the kept groups, weights = the unbiased scores of the chosen,
+    renormalised when asked (None: for k > 1), times scale.
+    Returns ([S] sets of chosen experts, [S] dicts expert -> weight)."""
+    num_tokens, num_experts = logits.shape
+    per_group = num_experts // n_group
+    chosen_sets, weights = [], []
+    for s in range(num_tokens):
+        row = logits[s].double().tolist()
+        if score == "softmax":
+            top = max(row)
+            exps = [math.exp(v - top) for v in row]
+            scores = [v / sum(exps) for v in exps]
+        else:
+            scores = [1 / (1 + math.exp(-v)) for v in row]
+        ranked_by = row if score == "softmax" else scores
+        biased = [v + (float(bias[e]) if bias is not None else 0.0) for e, v in
+                  enumerate(ranked_by)]
+        allowed = set(range(num_experts))
+        if n_group > 1:
+            group_scores = []
+            for g in range(n_group):
+                members = sorted(biased[g * per_group:(g + 1) * per_group], reverse=True)
+                group_scores.append(sum(members[:min(2, per_group)]))
+            kept = sorted(range(n_group), key=lambda g: (-group_scores[g], g))[:topk_group]
+            allowed = {e for g in kept for e in range(g * per_group, (g + 1) * per_group)}
+        ranked = sorted(allowed, key=lambda e: (-biased[e], e))[:k]
+        gates = {e: scores[e] for e in ranked}
+        if (k > 1 if renormalize is None else renormalize):
+            total = sum(gates.values())
+            gates = {e: g / total for e, g in gates.items()}
+        chosen_sets.append(set(ranked))
+        weights.append({e: g * scale for e, g in gates.items()})
+    return chosen_sets, weights

@@ -20,16 +20,20 @@ SAMPLES = {
     "k": 2, "capacity_factor": 1.5, "eval_capacity_factor": 0.75, "min_capacity": 2,
     "drop_tokens": False, "use_rts": False, "noisy_gate_policy": "Jitter",
     "second_expert_sampling": False, "drop_policy": "probs", "choice": "expert",
-    "bias_update_rate": 0.01, "renormalize": True,
+    "bias_update_rate": 0.01, "renormalize": True, "score": "sigmoid",
+    "routed_scaling_factor": 2.5, "n_group": 2, "topk_group": 2, "balance_loss": "sequence",
+    "router_bias": True,
     "activation": "swiglu", "bias": False, "residual": True, "residual_gate": "sigmoid",
-    "residual_d_ff": 24, "backend": "einsum",
+    "residual_d_ff": 24, "backend": "einsum", "swiglu_alpha": 1.0, "swiglu_limit": 5.0,
+    "expert_d_ff": 12,
 }
 LAYER_OPTIONS = tuple(name for name in MoEConfig.option_names() if name != "router")
 
 
 def needs(name: str) -> dict:
     """Options a sample needs beside it to be valid."""
-    return {"residual": True} if name in ("residual_gate", "residual_d_ff") else {}
+    return {"residual_gate": {"residual": True}, "residual_d_ff": {"residual": True},
+            "topk_group": {"n_group": 2}}.get(name, {})
 
 
 def test_every_option_has_a_sample():
@@ -64,12 +68,12 @@ def test_each_option_reaches_every_moe_layer_of_a_gpt(name):
 
 @pytest.mark.parametrize("name", RouterConfig.option_names())
 def test_each_router_option_is_taken_by_route_router_and_moe_by_name(name):
-    value = SAMPLES[name]
+    value, extra = SAMPLES[name], needs(name)
     logits = torch.randn(12, 4)
-    assert route(logits, **{name: value}).num_tokens == 12
-    assert getattr(Router(8, 4, **{name: value}).config, name) == value
-    assert getattr(MoE(8, 16, 4, **{name: value}).router.config, name) == value
-    config = RouterConfig(**{name: value})
+    assert route(logits, **{name: value}, **extra).num_tokens == 12
+    assert getattr(Router(8, 4, **{name: value}, **extra).config, name) == value
+    assert getattr(MoE(8, 16, 4, **{name: value}, **extra).router.config, name) == value
+    config = RouterConfig(**{name: value}, **extra)
     assert getattr(Router(8, 4, config).config, name) == value
 
 

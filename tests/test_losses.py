@@ -69,3 +69,49 @@ def test_z_loss_and_its_gradient_equal_logsumexp(scale):
     torch.testing.assert_close(z_loss, expected)
     torch.testing.assert_close(torch.autograd.grad(z_loss, logits)[0],
                                torch.autograd.grad(expected, reference)[0])
+
+
+def test_sequence_wise_balance_loss_by_hand_and_at_balance():
+    """DeepSeek-V3's L = Σ_i f_i P_i per sequence, f_i = E/(kT) · (times i was chosen), P_i the
+    mean normalised score, averaged over the sequences."""
+    from moelab.losses import sequence_balance_loss
+
+    dist = torch.tensor([[0.7, 0.3], [0.6, 0.4], [0.2, 0.8], [0.5, 0.5]])
+    expert = torch.tensor([[0], [0], [1], [0]])
+    # one sequence of 4: f = 2/4 · (3, 1) = (1.5, 0.5); P = (0.5, 0.5) -> 1.0
+    assert float(sequence_balance_loss(dist, expert, None)) == pytest.approx(1.0)
+    # two sequences of 2: seq 1: f = (2, 0), P = (0.65, 0.35) -> 1.3; seq 2: f = (1, 1),
+    # P = (0.35, 0.65) -> 1.0; mean 1.15
+    assert float(sequence_balance_loss(dist, expert, 2)) == pytest.approx(1.15)
+    with pytest.raises(ValueError, match="sequence_length=3 must divide the 4 tokens"):
+        sequence_balance_loss(dist, expert, 3)
+
+
+def test_route_takes_the_balance_loss_it_is_configured_with():
+    logits = random_logits(5, 12, 4)
+    probs = torch.softmax(logits, -1)
+    sequence = route(logits, k=2, balance_loss="sequence", sequence_length=6, training=False)
+    chosen = torch.zeros(12, 4).scatter_(1, sequence.expert, 1.0).view(2, 6, 4)
+    expected = ((chosen.sum(1) * 4 / (2 * 6)) * probs.view(2, 6, 4).mean(1)).sum(1).mean()
+    torch.testing.assert_close(sequence.aux_loss, expected)
+    # global: the counts of every data-parallel rank (here: this batch's, doubled by a fake
+    # reduction, which leaves the fractions alone) against this rank's mean scores
+    doubled = route(logits, k=2, balance_loss="global", training=False,
+                    reduce_counts=lambda counts: 2 * counts)
+    f = doubled.counts.float() / doubled.counts.sum()
+    torch.testing.assert_close(doubled.aux_loss, 4 * (f * probs.mean(0)).sum())
+    other_rank = torch.tensor([0, 0, 0, 24])  # another rank sent every route to expert 3
+    shifted = route(logits, k=2, balance_loss="global", training=False,
+                    reduce_counts=lambda counts: counts + other_rank)
+    assert float(shifted.aux_loss) != pytest.approx(float(doubled.aux_loss))
+
+
+def test_sigmoid_scores_balance_on_their_normalised_form():
+    logits = random_logits(6, 10, 4)
+    routing = route(logits, k=1, score="sigmoid", training=False)
+    scores = torch.sigmoid(logits)
+    dist = scores / scores.sum(-1, keepdim=True)
+    ce = torch.bincount(routing.expert[:, 0], minlength=4).float() / 10
+    torch.testing.assert_close(routing.aux_loss, 4 * (dist.mean(0) * ce).sum())
+    # its z-loss is logsumexp's, from the logits
+    torch.testing.assert_close(routing.z_loss, torch.logsumexp(logits, -1).square().mean())

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import random_logits, reference_route
+from reference import random_logits, reference_modern_choice, reference_route
 
 from moelab import Router, expert_capacity, route
 from moelab import routing as routing_module
@@ -308,3 +308,101 @@ def test_probs_drop_policy_keeps_the_routes_deepspeed_keeps(k, monkeypatch):
         assert torch.equal(dispatch_mask.any(-1), kept)
         negative_kept += int((kept & (logits < 0)).sum())
     assert negative_kept > 0
+
+
+# ------------------------------------------------------------ routing as today's models do it
+
+modern_cases = st.fixed_dictionaries({
+    "seed": st.integers(0, 2**31 - 1),
+    "num_tokens": st.integers(1, 24),
+    "groups": st.sampled_from([(1, 1), (2, 1), (2, 2), (4, 2), (4, 3)]),  # (n_group, topk_group)
+    "per_group": st.integers(1, 4),
+    "k": st.integers(1, 4),
+    "score": st.sampled_from(["softmax", "sigmoid"]),
+    "scale": st.sampled_from([1.0, 2.5]),
+    "renormalize": st.sampled_from([None, True, False]),
+    "biased": st.booleans(),
+})
+
+
+@settings(max_examples=150, deadline=None)
+@given(modern_cases)
+def test_modern_routing_options_equal_a_per_token_reference(case):
+    """Sigmoid or softmax scores, group-limited top-k, a selection bias, renormalisation and
+    the routed scaling factor against a reference written token by token from the papers."""
+    n_group, topk_group = case["groups"]
+    num_experts = n_group * case["per_group"]
+    k = min(case["k"], topk_group * case["per_group"])
+    logits = random_logits(case["seed"], case["num_tokens"], num_experts)
+    bias = (torch.randn(num_experts, generator=torch.Generator().manual_seed(case["seed"]))
+            * 0.3) if case["biased"] else None
+    options = dict(k=k, score=case["score"], n_group=n_group, topk_group=topk_group,
+                   routed_scaling_factor=case["scale"], renormalize=case["renormalize"])
+    routing = route(logits, drop_tokens=False, training=False, selection_bias=bias, **options)
+    chosen, weights = reference_modern_choice(
+        logits, k=k, score=case["score"], n_group=n_group, topk_group=topk_group,
+        scale=case["scale"], renormalize=case["renormalize"], bias=bias)
+    for s in range(case["num_tokens"]):
+        assert set(routing.expert[s].tolist()) == chosen[s], s
+        for j in range(k):
+            e = int(routing.expert[s, j])
+            assert float(routing.weight[s, j]) == pytest.approx(weights[s][e], rel=1e-5,
+                                                               abs=1e-7)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.sampled_from([(4, 1), (4, 2), (8, 3)]),
+       st.integers(1, 3))
+def test_group_limited_top_k_never_chooses_outside_the_kept_groups(seed, groups, k):
+    n_group, topk_group = groups
+    num_experts, per_group = n_group * 4, 4
+    logits = random_logits(seed, 20, num_experts)
+    routing = route(logits, k=k, n_group=n_group, topk_group=topk_group, score="sigmoid",
+                    drop_tokens=False, training=False)
+    scores = torch.sigmoid(logits).view(20, n_group, per_group)
+    group_score = scores.topk(2, dim=-1).values.sum(-1)  # [S, G]
+    kept = group_score.topk(topk_group, dim=-1).indices  # [S, topk_group]
+    for s in range(20):
+        groups_used = {int(e) // per_group for e in routing.expert[s]}
+        assert groups_used <= set(kept[s].tolist())
+        assert len(groups_used) <= topk_group
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.5])
+def test_sigmoid_weights_sum_to_the_scaling_factor_after_renormalising(scale):
+    routing = route(random_logits(3, 30, 8), k=3, score="sigmoid", renormalize=True,
+                    routed_scaling_factor=scale, drop_tokens=False, training=False)
+    torch.testing.assert_close(routing.weight.sum(1), torch.full((30,), scale))
+    assert bool((routing.probs > 0).all() & (routing.probs < 1).all())  # sigmoid scores
+
+
+def test_softmax_after_top_k_is_the_renormalised_softmax():
+    """Mixtral / gpt-oss take a softmax over the k chosen logits; route's renormalize=True
+    gives the same weights (softmax(l)_i / Σ_topk softmax(l)_j = exp(l_i) / Σ_topk exp(l_j))."""
+    logits = random_logits(4, 16, 8)
+    routing = route(logits, k=2, renormalize=True, drop_tokens=False, training=False)
+    top_logits = logits.gather(1, routing.expert)
+    torch.testing.assert_close(routing.weight, torch.softmax(top_logits, dim=-1))
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(n_group=3), r"n_group=3 must divide num_experts=8"),
+    (dict(n_group=2, topk_group=3), r"topk_group=3 must be at most n_group=2"),
+    (dict(n_group=4, topk_group=1, k=3), r"k=3 is more than the 2 experts of topk_group=1"),
+    (dict(routed_scaling_factor=-1.0), r"routed_scaling_factor must be a finite number > 0"),
+    (dict(score="tanh"), r"score must be one of \('softmax', 'sigmoid'\)"),
+    (dict(balance_loss="switch"), r"balance_loss must be one of"),
+])
+def test_modern_options_refuse_bad_values_naming_the_field(options, match):
+    with pytest.raises(ValueError, match=match):
+        route(random_logits(0, 6, 8), **options)
+    with pytest.raises(ValueError, match=match):
+        Router(4, 8, **options)
+
+
+def test_a_router_with_a_bias_adds_it_to_the_logits():
+    torch.manual_seed(0)
+    router = Router(8, 4, router_bias=True)
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(router.logits(x), x @ router.weight.T + router.bias)
+    assert Router(8, 4).bias is None

@@ -212,7 +212,8 @@ class ExpertParallel:
         rows = self.local_experts
         with torch.device("meta"):  # no init draws: the weights are copied below
             local = Experts(self.num_local_experts, bank.d_model, bank.d_ff,
-                            activation=bank.activation, bias=bank.b_in is not None)
+                            activation=bank.activation, bias=bank.b_in is not None,
+                            swiglu_alpha=bank.swiglu_alpha, swiglu_limit=bank.swiglu_limit)
         local = local.to_empty(device=bank.w_in.device).to(bank.w_in.dtype)
         with torch.no_grad():
             for name, param in local.named_parameters():
