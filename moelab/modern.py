@@ -42,10 +42,11 @@ def published_table() -> list[dict]:
 
 
 def fine_grained(config: GPTConfig, m: int, n_shared: int = 0) -> GPTConfig:
-    """DeepSeekMoE's recipe (Dai et al. 2024) on a config: m× more experts, each 1/m as wide,
-    with k·m chosen (the same active FLOPs per token), plus ``n_shared`` always-on shared experts
-    of that width beside them (one MLP of width n_shared · d_ff/m, summed with no gate: the
-    paper's Residual-MoE MLP without its learned mix). m=1 and no shared experts: the config
+    """DeepSeekMoE's recipe (Dai et al. 2024, §3) on a config, at the same active FLOPs per token:
+    every expert split into m experts 1/m as wide (m× more experts, k·m of them chosen), and
+    ``n_shared`` of those chosen slots turned into always-on *shared experts* (k·m - n_shared
+    routed). The shared experts are one MLP of width n_shared · d_ff/m summed with no gate: the
+    paper's Residual-MoE MLP without its learned mix. m=1 and no shared experts: the config
     itself."""
     m, n_shared = check_int("m", m), check_int("n_shared", n_shared, 0)
     width = config.moe.expert_d_ff or config.ffn_dim
@@ -53,8 +54,12 @@ def fine_grained(config: GPTConfig, m: int, n_shared: int = 0) -> GPTConfig:
         raise ValueError(f"m={m} must divide the experts' width {width}")
     if m == 1 and n_shared == 0:
         return config
+    chosen = config.moe.router.k * m
+    if n_shared >= chosen:
+        raise ValueError(f"n_shared={n_shared} must be below k·m = {chosen}: at the same active "
+                         "FLOPs the shared experts take that many of the chosen slots")
     schedule = tuple(count * m for count in config.expert_schedule)
-    options = dict(experts=schedule, expert_d_ff=width // m, k=config.moe.router.k * m)
+    options = dict(experts=schedule, expert_d_ff=width // m, k=chosen - n_shared)
     if n_shared:
         if config.moe.residual:
             raise ValueError("this config already has a residual MLP; shared experts take its "

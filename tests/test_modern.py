@@ -32,28 +32,31 @@ def test_fine_grained_with_m_1_and_no_shared_experts_is_todays_moe():
     torch.testing.assert_close(models[0](idx).logits, models[1](idx).logits, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("m,n_shared", [(2, 0), (4, 1), (2, 2)])
+@pytest.mark.parametrize("m,n_shared", [(2, 0), (4, 1), (2, 2), (4, 3)])
 def test_fine_grained_keeps_the_active_ffn_flops(m, n_shared):
-    """m× more experts, 1/m as wide, k·m chosen: the routed FLOPs per token stay the same; each
-    shared expert adds one 1/m-wide FFN, always on."""
+    """m× more experts, 1/m as wide, k·m chosen of which n_shared always on: each token's FFN
+    matrices hold as many weights as before (2·d·f per FFN of width f)."""
     config = preset("tiny", experts=4, k=2, drop_tokens=False)
     fine = fine_grained(config, m, n_shared)
+    d, width = config.d_model, config.ffn_dim // m
     assert fine.expert_schedule == tuple(4 * m for _ in config.expert_schedule)
-    assert fine.moe.router.k == 2 * m and fine.moe.expert_d_ff == config.ffn_dim // m
-    layers, width = len(config.moe_layers), config.ffn_dim // m
-    # n shared experts are one MLP n·w wide (one output bias)
-    shared = n_shared * width
-    shared_params = (n_shared > 0) * layers * (2 * config.d_model * shared + shared
-                                               + config.d_model)
-    # one expert of width w has 2·d·w weights and w + d biases: k·m of width w/m have as many
-    # weights, and (m-1)·d more output biases per token
-    extra_bias = layers * (2 * m - 2) * config.d_model
-    gates = layers * config.d_model * 4 * (m - 1)  # the router grows by m×
-    assert size(fine).active == size(config).active + shared_params + extra_bias + gates
+    assert (fine.moe.router.k, fine.moe.expert_d_ff) == (2 * m - n_shared, width)
+    assert (fine.moe.residual_d_ff or 0) == n_shared * width
+
+    def ffn_weights_per_token(c):
+        routed = c.moe.router.k * 2 * d * (c.moe.expert_d_ff or c.ffn_dim)
+        return routed + (2 * d * c.moe.residual_d_ff if c.moe.residual else 0)
+
+    assert ffn_weights_per_token(fine) == ffn_weights_per_token(config)
+    # sizing agrees: per MoE layer, the weights cancel and what changes is the router (4m·d
+    # instead of 4·d) and one output bias d per FFN a token runs (k' routed, 1 shared MLP, vs 2)
+    routed = fine.moe.router.k
+    per_layer = 4 * d * (m - 1) + d * (routed + (n_shared > 0) - 2)
+    assert size(fine).active == size(config).active + len(config.moe_layers) * per_layer
     model = GPT(fine)
     assert model.num_parameters() == size(fine).total
     out = model(torch.randint(0, fine.vocab_size, (2, 8)))
-    assert all(r.expert.shape[1] == 2 * m for r in out.routings if r is not None)
+    assert all(r.expert.shape[1] == 2 * m - n_shared for r in out.routings if r is not None)
 
 
 def test_fine_grained_says_what_it_cannot_do():
@@ -62,6 +65,8 @@ def test_fine_grained_says_what_it_cannot_do():
         fine_grained(config, 3)
     with pytest.raises(ValueError, match="m must be"):
         fine_grained(config, 0)
+    with pytest.raises(ValueError, match="n_shared=2 must be below k·m = 2"):
+        fine_grained(config, 2, n_shared=2)
     with pytest.raises(ValueError, match="residual=False"):
         fine_grained(preset("tiny", experts=4, residual=True), 2, n_shared=1)
 
