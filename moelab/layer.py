@@ -14,6 +14,7 @@ ranks and back, installed from outside by ``parallelize``).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 
@@ -65,6 +66,11 @@ class MoEConfig(Config):
     residual_d_ff: int | None = option(
         None, "the residual MLP's hidden width; None = d_ff. n shared experts of width w are one "
               "MLP of width n·w", kind="int", low=1)
+    scale_expert_input: bool = option(
+        False, "multiply each route's expert *input* by its combine weight instead of the "
+               "expert's output: y = Σ_j E_j(w_j · x) (Llama 4) rather than Σ_j w_j · E_j(x) "
+               "(every other MoE); the same only for experts that are linear maps, so a "
+               "different model for SwiGLU ones")
     backend: str = option("index", "'index' (the mapping table), 'einsum' (GShard's one-hot "
                                    "masks) or 'triton' (the mapping table in Triton kernels)",
                           choices=BACKENDS)
@@ -73,6 +79,23 @@ class MoEConfig(Config):
         if self.residual_d_ff is not None and not self.residual:
             raise ValueError(f"residual_d_ff={self.residual_d_ff} sets the residual MLP's width, "
                              "but residual=False: set residual=True too, or leave it None")
+
+
+def weight_expert_input(buffer: Tensor, routing: Routing) -> tuple[Tensor, Routing]:
+    """Llama 4's weighting, y = Σ_j E_j(w_j · x): every buffer row (one route's token) times
+    its route's weight, and a copy of the Routing whose combine weights are 1 for kept routes
+    (0 for dropped ones), so the combine only sums."""
+    flat = buffer.reshape(-1, buffer.shape[-1])  # [rows, d]
+    num_rows = flat.shape[0]
+    rows = routing.row.reshape(-1)  # [S·k]: each route's buffer row, -1 where dropped
+    # row_weight[row(s, j)] = w_sj; dropped routes (weight 0) write a spare last row   [rows]
+    target = torch.where(rows >= 0, rows, num_rows)
+    row_weight = routing.weight.new_zeros(num_rows + 1).index_put(
+        (target,), routing.weight.reshape(-1))[:num_rows]
+    scaled = flat * row_weight[:, None].to(flat.dtype)  # [rows, d]
+    summed = copy.copy(routing)  # shares the mapping table and what it computed once
+    summed.weight = routing.kept.to(routing.weight.dtype)  # [S, k]
+    return scaled.view(buffer.shape), summed
 
 
 class MLP(nn.Module):
@@ -164,6 +187,10 @@ class MoE(nn.Module):
         """Pick the code that runs the experts from the backend and the parallel plan (called
         by the constructor, `set_backend` and `parallelize`)."""
         fused = self.backend == "triton" and self.parallel is None
+        if fused and self._config.scale_expert_input:
+            raise ValueError("backend='triton' reads each route's token inside the grouped FFN "
+                             "kernel, so it cannot scale the experts' input: "
+                             "scale_expert_input=True needs backend='index' or 'einsum'")
         if fused:
             from .kernels import GROUPED_FFN_ACTIVATIONS
             from .kernels.gating import fused_route  # the layer imports the kernels, never
@@ -204,8 +231,11 @@ class MoE(nn.Module):
         # the gate writes the mapping table ([B, T, d] input: sequences of T tokens)
         routing = self.router(tokens, x.shape[-2] if x.dim() >= 3 else None)
         buffer = self.dispatch(tokens, routing)  # [E, C, d] or packed [N, d]
+        combined = routing
+        if self._config.scale_expert_input:
+            buffer, combined = weight_expert_input(buffer, routing)
         expert_out = self._RUNNERS[self.runner](self, buffer, routing)  # same layout
-        y = self.combine(expert_out, routing).to(x.dtype)  # [S, d]
+        y = self.combine(expert_out, combined).to(x.dtype)  # [S, d]
         if self.residual and self._config.residual_gate == "none":
             # DeepSeekMoE's shared experts: y = MoE(x) + MLP(x), always on, no learned mix
             y = y + self.mlp(tokens)

@@ -94,6 +94,11 @@ class RouterConfig(Config):
              "per-expert selection bias, moved by rate · sign(mean load - load) after each "
              "training step's routing; it changes which experts are chosen, not the weights",
         low=0)
+    use_selection_bias: bool = option(
+        False, "choose experts with the Router's selection_bias even when bias_update_rate = 0: "
+               "a fixed bias, never updated (DeepSeek-V3's e_score_correction_bias as loaded "
+               "for inference or fine-tuning, `moelab.interop.from_hf`); bias_update_rate > 0 "
+               "always uses the bias")
     renormalize: bool | None = option(
         None, "divide a token's kept weights by their sum; None = DeepSpeed's choice per k "
               "(top-1 no, top-k > 1 yes). Mixtral and gpt-oss take a softmax over the k chosen "
@@ -434,6 +439,12 @@ def at_least_float32(t: Tensor) -> Tensor:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
+def uses_selection_bias(config: RouterConfig) -> bool:
+    """Whether a Router chooses experts with its selection_bias: the aux-free bias it updates
+    (bias_update_rate > 0) or a fixed one (use_selection_bias)."""
+    return config.bias_update_rate > 0 or config.use_selection_bias
+
+
 #: A fused gate: ``gate(logits, config) -> Routing`` for an eval router that `fused_eligible`
 #: accepts (the layer installs moelab.kernels' when its backend is "triton").
 FusedGate = Callable[[Tensor, RouterConfig], Routing]
@@ -452,7 +463,9 @@ class Router(nn.Module):
     a per-expert ``selection_bias`` buffer and updates it after each training step's routing,
     from the load of the whole batch: ``reduce_load`` (set by `moelab.parallel.parallelize`)
     sums the counts over the data-parallel ranks that share this router first, so every rank
-    (and a checkpoint) holds the one-process value.
+    (and a checkpoint) holds the one-process value. With ``use_selection_bias=True`` and rate 0
+    it chooses experts with the buffer as it is and never updates it (a loaded DeepSeek-V3
+    e_score_correction_bias).
     ``fused_gate``: set by an MoE layer whose backend is "triton" (the router itself never
     imports Triton); used in eval where `fused_eligible` says it gives route's answer.
     """
@@ -474,7 +487,7 @@ class Router(nn.Module):
             bound = 1 / math.sqrt(d_model)
             self.bias = nn.Parameter(torch.empty(num_experts).uniform_(-bound, bound))
         self.register_buffer("selection_bias", torch.zeros(num_experts),
-                             persistent=self.config.bias_update_rate > 0)
+                             persistent=uses_selection_bias(self.config))
 
     @property
     def config(self) -> RouterConfig:
@@ -507,7 +520,7 @@ class Router(nn.Module):
         choice, k > 2) is ``route``'s."""
         config = self.config
         return (not self.training and config.k <= 2 and config.choice == "token"
-                and config.drop_policy == "position" and config.bias_update_rate == 0
+                and config.drop_policy == "position" and not uses_selection_bias(config)
                 and config.score == "softmax" and config.n_group == 1
                 and config.routed_scaling_factor == 1.0 and config.balance_loss == "deepspeed"
                 and logits.dtype == torch.float32
@@ -521,8 +534,9 @@ class Router(nn.Module):
             return self.fused_gate(logits, self.config)
         config = self.config  # (Jitter was applied to the input above; route ignores it)
         aux_free = config.bias_update_rate > 0
+        biased = uses_selection_bias(config)
         routing = route(logits, config, training=self.training, generator=self.generator,
-                        selection_bias=self.selection_bias if aux_free else None,
+                        selection_bias=self.selection_bias if biased else None,
                         sequence_length=sequence_length, reduce_counts=self.reduce_load)
         if aux_free and self.training:
             counts = routing.counts if self.reduce_load is None else self.reduce_load(

@@ -56,7 +56,8 @@ def test_router_receives_gradient_through_combine_weights():
 
 
 @pytest.mark.parametrize("options", [dict(k=1), dict(k=2, residual=True),
-                                     dict(k=2, drop_tokens=False), dict(k=3, backend="einsum")],
+                                     dict(k=2, drop_tokens=False), dict(k=3, backend="einsum"),
+                                     dict(k=2, activation="swiglu", scale_expert_input=True)],
                          ids=str)
 def test_gradcheck_float64(options):
     layer = make_layer(**options).eval()
@@ -125,3 +126,51 @@ def test_gradcheck_every_jacobian_entry_at_tiny_size():
         return functional_call(layer, dict(zip(names, flat_params, strict=True)), (x,))[0]
 
     assert torch.autograd.gradcheck(forward, (x, *params), eps=1e-6, atol=1e-5)
+
+
+def _swiglu_expert(experts, e: int, x: torch.Tensor) -> torch.Tensor:
+    """Expert e of a SwiGLU bank without biases, written out: (silu(x·G) · x·U) · W_out."""
+    gate, up = (x @ experts.w_in[e]).chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) * up) @ experts.w_out[e]
+
+
+@pytest.mark.parametrize("options", [dict(k=1, drop_tokens=False, score="sigmoid"),
+                                     dict(k=2, drop_tokens=False),
+                                     dict(k=2, capacity_factor=0.5, min_capacity=1)], ids=str)
+@pytest.mark.parametrize("backend", ["index", "einsum"])
+def test_scale_expert_input_weights_the_input_as_llama_4_does(options, backend):
+    """scale_expert_input: y_s = Σ_j E_j(w_sj · x_s) token by token (Llama 4), which for SwiGLU
+    experts is not Σ_j w_sj · E_j(x_s)."""
+    layer = make_layer(activation="swiglu", bias=False, scale_expert_input=True,
+                       backend=backend, **options).eval()
+    x = torch.randn(3, 7, 8, dtype=torch.float64, requires_grad=True)
+    y, routing = layer(x)
+    tokens = x.detach().reshape(-1, 8)
+    expected, output_weighted = torch.zeros_like(tokens), torch.zeros_like(tokens)
+    with torch.no_grad():
+        for s in range(tokens.shape[0]):
+            for j in range(routing.k):
+                if routing.slot[s, j] >= 0:
+                    e, w = int(routing.expert[s, j]), routing.weight[s, j]
+                    expected[s] += _swiglu_expert(layer.experts, e, w * tokens[s])
+                    output_weighted[s] += w * _swiglu_expert(layer.experts, e, tokens[s])
+    torch.testing.assert_close(y.detach().reshape(-1, 8), expected)
+    assert not torch.allclose(expected, output_weighted)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x)[0], y.detach())  # the inference path too
+    # the router learns through the scaled input
+    (gate_grad,) = torch.autograd.grad(y.square().sum(), layer.router.weight)
+    assert gate_grad.abs().sum() > 0
+
+
+def test_scale_expert_input_gradients_agree_between_backends():
+    layer = make_layer(k=2, activation="swiglu", bias=False, drop_tokens=False,
+                       scale_expert_input=True).eval()
+    x = torch.randn(9, 8, dtype=torch.float64, requires_grad=True)
+    grads = {}
+    for backend in ("index", "einsum"):
+        layer.set_backend(backend)
+        y, _ = layer(x)
+        grads[backend] = torch.autograd.grad(y.sin().sum(), [x, *layer.parameters()])
+    for g_index, g_einsum in zip(grads["index"], grads["einsum"], strict=True):
+        torch.testing.assert_close(g_index, g_einsum)

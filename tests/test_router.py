@@ -259,6 +259,31 @@ def test_aux_free_bias_balances_load():
     assert torch.equal(router.selection_bias, before)  # no updates in eval
 
 
+@pytest.mark.parametrize("score", ["sigmoid", "softmax"])
+def test_a_fixed_selection_bias_chooses_and_is_never_updated(score):
+    """use_selection_bias (a loaded DeepSeek-V3 e_score_correction_bias): the buffer moves the
+    choice in training and eval, the weights stay unbiased, and nothing updates it."""
+    torch.manual_seed(0)
+    router = Router(8, 4, k=1, score=score, drop_tokens=False, use_selection_bias=True)
+    with torch.no_grad():
+        router.selection_bias.copy_(torch.tensor([0.0, 0.0, 100.0, 0.0]))
+    x = torch.randn(20, 8)
+    scores = router.logits(x).sigmoid() if score == "sigmoid" else router.logits(x).softmax(-1)
+    for training in (True, False):
+        routing = router.train(training)(x)
+        assert routing.expert[:, 0].tolist() == [2] * 20
+        torch.testing.assert_close(routing.weight[:, 0], scores[:, 2])
+    assert router.selection_bias.tolist() == [0.0, 0.0, 100.0, 0.0]
+    assert "selection_bias" in router.state_dict()  # it is the model's, so it is saved
+    plain = Router(8, 4, k=1, drop_tokens=False)  # the default: the buffer is neither used...
+    with torch.no_grad():
+        plain.selection_bias.copy_(torch.tensor([0.0, 0.0, 100.0, 0.0]))
+    unbiased = plain.logits(x).argmax(-1)
+    assert torch.equal(plain(x).expert[:, 0], unbiased) and (unbiased != 2).any()
+    assert "selection_bias" not in plain.state_dict()  # ... nor saved
+    assert not router.eval().fused_eligible(router.logits(x))
+
+
 def test_router_jitter_only_in_training():
     torch.manual_seed(0)
     router = Router(8, 4, noisy_gate_policy="Jitter", generator=torch.Generator().manual_seed(0))
