@@ -22,7 +22,7 @@ SAMPLES = {
     "second_expert_sampling": False, "drop_policy": "probs", "choice": "expert",
     "bias_update_rate": 0.01, "renormalize": True, "score": "sigmoid",
     "routed_scaling_factor": 2.5, "n_group": 2, "topk_group": 2, "balance_loss": "sequence",
-    "router_bias": True,
+    "router_bias": True, "use_selection_bias": True, "scale_expert_input": True,
     "activation": "swiglu", "bias": False, "residual": True, "residual_gate": "sigmoid",
     "residual_d_ff": 24, "backend": "einsum", "swiglu_alpha": 1.0, "swiglu_limit": 5.0,
     "expert_d_ff": 12,
