@@ -25,6 +25,7 @@ from ..profiling import COMPONENT_LABELS, COMPONENTS, LatencyBreakdown
 from ..serving import COMPONENT_LABELS as SERVING_LABELS
 from ..serving import COMPONENTS as SERVING_COMPONENTS
 from ..serving import HARDWARE, TABLE6, VARIANTS, predict
+from .fit import bounded
 
 COLORS = {
     "attention": "#7f7f7f", "gate": "#9467bd", "dispatch": "#1f77b4", "exchange": "#d62728",
@@ -73,7 +74,7 @@ def _latency_empty() -> go.Figure:
         fig.add_trace(go.Bar(x=[], y=[], name=COMPONENT_LABELS[c], marker_color=COLORS[c],
                              hovertemplate="%{x}<br>" + COMPONENT_LABELS[c]
                                            + ": %{y:.3f} ms<extra></extra>"), row=1, col=1)
-    fig.update_layout(barmode="stack", template="plotly_white", height=440, width=1000,
+    fig.update_layout(barmode="stack", template="plotly_white", height=440, autosize=True,
                       legend=dict(orientation="h", y=-0.25), margin=dict(t=60, l=60, r=20, b=40))
     fig.update_yaxes(title_text="ms per forward", row=1, col=1)
     fig.update_xaxes(tickangle=0, tickfont=dict(size=10), row=1, col=1)
@@ -136,8 +137,7 @@ class LatencyView:
         self.summary = widgets.HTML()
         self.redraws = 0
         self.layer_picker.observe(lambda change: self.refresh(), names="value")
-        self.widget = widgets.VBox([widgets.HBox([self.layer_picker, self.summary]),
-                                    self.figure])
+        self.widget = bounded(widgets.HBox([self.layer_picker, self.summary]), self.figure)
         self.refresh()
 
     @property
@@ -212,8 +212,8 @@ def _serving_empty() -> go.Figure:
                              marker=dict(size=14, color="rgba(0,0,0,0)",
                                          line=dict(color="#d62728", width=3))),
                   row=1, col=2)
-    fig.update_layout(barmode="stack", template="plotly_white", height=460, width=1000,
-                      legend=dict(orientation="h", y=-0.22), margin=dict(t=80, l=60, r=20, b=40))
+    fig.update_layout(barmode="stack", template="plotly_white", height=460, autosize=True,
+                      legend=dict(orientation="h", y=-0.3), margin=dict(t=80, l=60, r=20, b=90))
     fig.update_xaxes(title_text="GPUs", type="category", row=1, col=1)
     fig.update_xaxes(title_text="GPUs", type="log", tickvals=list(GPU_COUNTS),
                      ticktext=[str(g) for g in GPU_COUNTS], row=1, col=2)
@@ -291,10 +291,10 @@ class ServingView:
         for control in self.controls.values():
             control.observe(self._on_change, names="value")
         names = list(self.controls)
-        self.widget = widgets.VBox([
+        self.widget = bounded(
             widgets.HBox([widgets.VBox([self.controls[n] for n in names[:4]]),
                           widgets.VBox([self.controls[n] for n in names[4:]])]),
-            self.status, self.figure])
+            self.status, self.figure)
         self.refresh()
 
     def _on_change(self, change) -> None:

@@ -15,6 +15,8 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from .fit import bounded
+
 MIN_REDRAW_SECONDS = 0.3  # at most ~3 redraws a second, however fast training runs
 LAYER_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf",
                 "#bcbd22")
@@ -73,7 +75,7 @@ def _empty_figure(num_layers: int, layer_names: list[str]) -> go.Figure:
     fig.update_xaxes(title_text="training step", row=3, col=2)
     fig.update_yaxes(rangemode="tozero", row=1, col=2)
     fig.update_yaxes(rangemode="tozero", row=2, col=2)
-    fig.update_layout(height=600, width=1000, margin=dict(l=60, r=20, t=60, b=110),
+    fig.update_layout(height=600, autosize=True, margin=dict(l=60, r=20, t=60, b=110),
                       legend=dict(orientation="h", y=-0.14, x=0.56),
                       template="plotly_white")
     return fig
@@ -126,7 +128,7 @@ class LoadBalanceView:
         self.min_redraw_seconds = min_redraw_seconds
         self.layer_picker = widgets.Dropdown(description="heatmap:")
         self.status = widgets.HTML()
-        self.widget = widgets.VBox([widgets.HBox([self.layer_picker, self.status])])
+        self.widget = bounded(widgets.HBox([self.layer_picker, self.status]))
         self.figure: go.FigureWidget | None = None
         self.layer_names: list[str] = []
         self.redraws = 0
@@ -144,7 +146,7 @@ class LoadBalanceView:
         if self.figure is not None:
             self.figure.close()
         self.figure = go.FigureWidget(_empty_figure(num_layers, self.layer_names))
-        self.widget.children = (self.widget.children[0], self.figure)
+        self.widget.set_children(self.widget.children[0], self.figure)  # keeps the width probe
         self._building = True  # the picker's new options must not trigger a redraw
         try:
             self.layer_picker.options = [(name, i) for i, name in enumerate(self.layer_names)]

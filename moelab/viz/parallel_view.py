@@ -32,6 +32,7 @@ from plotly.subplots import make_subplots
 
 from ..exchanges import EXCHANGES, messages_per_forward
 from ..parallel.groups import parallel_layout
+from .fit import bounded
 
 MIN_REDRAW_SECONDS = 0.3  # at most ~3 redraws a second, however fast the ranks report
 EXCHANGE_COLORS = {"flat": "#1f77b4", "hierarchical": "#ff7f0e", "tp_coordinated": "#2ca02c"}
@@ -219,11 +220,12 @@ def _empty_figure() -> go.Figure:
                                  name=f"formula {FORMULA_TEXT[name]}",
                                  line=dict(color=EXCHANGE_COLORS[name], dash="dash")),
                       row=2, col=1)
-    fig.add_trace(go.Bar(x=[], y=[], name="routes for its experts (from its EP group)",
+    fig.add_trace(go.Bar(x=[], y=[], name="routes kept for its experts (from its EP group)",
                          marker_color="#6a51a3", offsetgroup="tokens",
                          hovertemplate="rank %{x}: %{y:.0f} routes<extra></extra>"),
                   row=2, col=2)  # 8
-    fig.add_trace(go.Bar(x=[], y=[], name="rows it received (capacity padding incl.)",
+    fig.add_trace(go.Bar(x=[], y=[],
+                         name="rows it received (empty slots incl.; TP lanes split them)",
                          marker_color="#bcbddc", offsetgroup="rows",
                          hovertemplate="rank %{x}: %{y:.0f} rows<extra></extra>"),
                   row=2, col=2)  # 9
@@ -237,7 +239,7 @@ def _empty_figure() -> go.Figure:
     fig.update_xaxes(title_text="rank", dtick=1, row=2, col=2)
     fig.update_yaxes(rangemode="tozero", row=2, col=1)
     fig.update_yaxes(rangemode="tozero", row=2, col=2)
-    fig.update_layout(height=760, width=1000, template="plotly_white", barmode="group",
+    fig.update_layout(height=760, autosize=True, template="plotly_white", barmode="group",
                       margin=dict(l=60, r=30, t=90, b=120),
                       legend=dict(orientation="h", y=-0.12, x=0.0),
                       title=dict(text="expert parallelism: no records yet", x=0.01, y=0.98))
@@ -331,7 +333,7 @@ class ParallelView:
                                            description="traffic in:")
         self.units.observe(lambda change: self.refresh(), names="value")
         self.status = widgets.HTML()
-        self.widget = widgets.VBox([widgets.HBox([self.units, self.status]), self.figure])
+        self.widget = bounded(widgets.HBox([self.units, self.status]), self.figure)
         self.redraws = 0
         self._last_draw = 0.0
         if records:

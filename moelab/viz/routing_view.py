@@ -30,9 +30,9 @@ from traitlets import TraitError
 
 from ..router import Router, RouterConfig, gate_logits, route
 from ..routing import Routing
+from .fit import autosize, bounded
 
 MAX_TOKENS = 64  # heatmap rows; more tokens than this are routed and counted, but not drawn
-FIGURE_WIDTH = 1000  # px; FigureWidget does not follow its output area's width on its own
 
 # Colours: a sequential scale for probabilities; kept routes white-filled markers with a dark
 # rim (visible on pale and dark cells alike); dropped routes a red cross, the same red as the
@@ -224,15 +224,14 @@ def _figure_from_table(table: dict) -> go.Figure:
     fig.update_yaxes(title_text="routes (token, choice) per expert", rangemode="tozero",
                      row=1, col=2)
     fig.update_layout(
-        barmode="stack", template="plotly_white", width=FIGURE_WIDTH,
-        height=_figure_height(table["shown"]),
+        barmode="stack", template="plotly_white", height=_figure_height(table["shown"]),
         margin=dict(l=70, r=30, t=110, b=95), font=dict(size=12),
         legend=dict(orientation="h", x=0.0, xanchor="left", yref="container", y=0.0,
                     yanchor="bottom", font=dict(size=11), traceorder="normal"),
         hovermode="closest",
     )
     _update_figure(fig, table)
-    return fig
+    return autosize(fig)  # as wide as the output area
 
 
 def _update_figure(fig: go.Figure, table: dict) -> None:
@@ -374,12 +373,12 @@ class RoutingView:
         if self.routing is None:  # the initial options cannot route: a caller's mistake
             raise ValueError(self.error)
         self.figure = go.FigureWidget(_figure_from_table(self.table))
-        self.widget = widgets.VBox(
-            [widgets.HBox([self._control_box,
-                           widgets.VBox([self.summary, self.message],
-                                        layout=widgets.Layout(margin="0 0 0 24px"))],
-                          layout=widgets.Layout(align_items="flex-start", flex_flow="row wrap")),
-             self.figure])
+        self.widget = bounded(
+            widgets.HBox([self._control_box,
+                          widgets.VBox([self.summary, self.message],
+                                       layout=widgets.Layout(margin="0 0 0 24px"))],
+                         layout=widgets.Layout(align_items="flex-start", flex_flow="row wrap")),
+            self.figure)
 
     # ---- constructors
 

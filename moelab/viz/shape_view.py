@@ -15,6 +15,7 @@ from plotly.subplots import make_subplots
 
 from ..model import GPTConfig, preset
 from ..sizing import ffn_params, size
+from .fit import autosize, bounded
 
 DENSE_COLOR, EXPERT_COLOR, RESIDUAL_COLOR = "#9e9e9e", "#2f5f98", "#ff7f0e"
 
@@ -83,10 +84,9 @@ def shape_figure(configs: list[GPTConfig | str]) -> go.Figure:
     ticks = [2 ** i for i in range(most.bit_length() + 1)]
     fig.update_yaxes(type="log", tickvals=ticks, range=[-0.15, 0.15 + math.log10(max(most, 2))])
     fig.update_yaxes(title_text="experts in the block's FFN (log scale)", row=1, col=1)
-    fig.update_layout(barmode="group", bargap=0.1, height=420,
-                      width=max(520, 380 * len(configs)), template="plotly_white",
-                      legend=dict(orientation="h", y=-0.2), margin=dict(t=80, l=70, r=20))
-    return fig
+    fig.update_layout(barmode="group", bargap=0.1, height=440, template="plotly_white",
+                      legend=dict(orientation="h", y=-0.3), margin=dict(t=80, l=70, r=20, b=100))
+    return autosize(fig)  # as wide as the output area
 
 
 class ShapeView:
@@ -96,11 +96,12 @@ class ShapeView:
         self.configs = [preset(c) if isinstance(c, str) else c for c in configs]
         self.shapes = [model_shape(c) for c in self.configs]
         self.figure = go.FigureWidget(shape_figure(self.configs))
+        self.widget = bounded(self.figure)
 
     def _ipython_display_(self) -> None:
         from IPython.display import display
 
-        display(self.figure)
+        display(self.widget)
 
     def _repr_mimebundle_(self, **kwargs):
-        return self.figure._repr_mimebundle_(**kwargs)
+        return self.widget._repr_mimebundle_(**kwargs)
