@@ -15,9 +15,16 @@ PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check --quiet
-# Pinned, and installed before anything that depends on torch: an unpinned torch resolves to the
-# multi-GB CUDA build; this version is the CPU wheel.
-TORCH  := torch==2.13.0
+# torch is pinned and installed first, before anything that depends on it. Which build pip gets
+# depends on where it looks: on a stock Linux pip, PyPI's torch is the multi-GB CUDA build. So pip
+# also looks in TORCH_INDEX, PyTorch's CPU-only wheels by default, and takes the CPU build from
+# there (its version, 2.13.0+cpu, ranks above PyPI's 2.13.0). For a CUDA build, point TORCH_INDEX
+# at PyTorch's CUDA index (make TORCH_INDEX=https://download.pytorch.org/whl/cu128 venv) or clear
+# it to take PyPI's (make TORCH_INDEX= venv); TORCH may also name a wheel file
+# (make TORCH=/path/to/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl venv).
+TORCH       ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_PIP   := $(if $(strip $(TORCH_INDEX)),--extra-index-url $(TORCH_INDEX))
 
 ARGS ?=
 
@@ -39,18 +46,18 @@ $(VENV)/pyvenv.cfg:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.stamp-torch: $(VENV)/pyvenv.cfg
-	$(PIP) install "$(TORCH)"
+	$(PIP) install $(TORCH_PIP) "$(TORCH)"
 	@touch $@
 
 $(VENV)/.stamp-lab: pyproject.toml $(VENV)/.stamp-torch
-	$(PIP) install "$(TORCH)" -e ".[lab,kernels]"
+	$(PIP) install $(TORCH_PIP) "$(TORCH)" -e ".[lab,kernels]"
 	@touch $@
 
 # dev is a superset of lab, so it satisfies the lab stamp too. The peers (DeepSpeed,
 # transformers) come with it for the benchmarks and the parity tests; DS_BUILD_OPS=0 installs
 # DeepSpeed without compiling its ops.
 $(VENV)/.stamp-dev: pyproject.toml $(VENV)/.stamp-torch
-	DS_BUILD_OPS=0 $(PIP) install "$(TORCH)" -e ".[lab,kernels,dev,peers]"
+	DS_BUILD_OPS=0 $(PIP) install $(TORCH_PIP) "$(TORCH)" -e ".[lab,kernels,dev,peers]"
 	@touch $@ $(VENV)/.stamp-lab
 
 venv: $(VENV)/.stamp-dev
