@@ -26,6 +26,7 @@ from ..serving import COMPONENT_LABELS as SERVING_LABELS
 from ..serving import COMPONENTS as SERVING_COMPONENTS
 from ..serving import HARDWARE, TABLE6, VARIANTS, predict
 from .fit import bounded
+from .view import View
 
 COLORS = {
     "attention": "#7f7f7f", "gate": "#9467bd", "dispatch": "#1f77b4", "exchange": "#d62728",
@@ -121,7 +122,7 @@ def latency_figure(breakdowns: Sequence[LatencyBreakdown], layer: int | None = N
     return fig
 
 
-class LatencyView:
+class LatencyView(View):
     """Measured breakdowns (`moelab.profiling.decode_sweep`) with a block selector."""
 
     def __init__(self, breakdowns: Sequence[LatencyBreakdown]) -> None:
@@ -152,14 +153,6 @@ class LatencyView:
         parts = [f"{label}: MoE {moe:.2f} ms" for label, moe in
                  zip(table["labels"], table["moe_ms"], strict=True)]
         self.summary.value = "<small>" + html.escape(" · ".join(parts)) + "</small>"
-
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
-
-        display(self.widget)
-
-    def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)
 
 
 # -------------------------------------------------------------------- predicted (the paper)
@@ -248,7 +241,7 @@ def serving_figure(model: str = "1.3B+MoE-128", gpus: int | None = None, **optio
     return fig
 
 
-class ServingView:
+class ServingView(View):
     """The serving cost model with sliders; each change redraws in one ``batch_update``.
 
     The bars sweep the GPU count (the selected one outlined); the line is throughput per GPU
@@ -358,11 +351,3 @@ class ServingView:
                 f"{p.tokens_per_s:,.0f} tokens/s, {p.tokens_per_s_per_gpu:,.0f} per GPU · "
                 f"TP {layout.tp} × DP {layout.dp}, EP {layout.ep} × ES {layout.es} · "
                 f"{p.memory_per_gpu / 1e9:.1f} GB per GPU ({fit})")
-
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
-
-        display(self.widget)
-
-    def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)

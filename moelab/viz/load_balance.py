@@ -8,16 +8,14 @@
 
 from __future__ import annotations
 
-import time
-
 import ipywidgets as widgets
 import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .fit import bounded
+from .view import MIN_REDRAW_SECONDS, LiveView
 
-MIN_REDRAW_SECONDS = 0.3  # at most ~3 redraws a second, however fast training runs
 LAYER_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf",
                 "#bcbd22")
 
@@ -108,7 +106,7 @@ def load_balance_figure(history: list[dict], layer: int = 0,
     return fig
 
 
-class LoadBalanceView:
+class LoadBalanceView(LiveView):
     """Expert load of every MoE layer over training steps, live.
 
     ``view = LoadBalanceView(); view.attach(trainer); display(view); trainer.train()``.
@@ -125,14 +123,12 @@ class LoadBalanceView:
         if layer_names is not None and len(layer_names) != num_layers:
             raise ValueError(f"layer_names has {len(layer_names)} names for num_layers="
                              f"{num_layers}; give one name per MoE layer")
-        self.min_redraw_seconds = min_redraw_seconds
+        super().__init__(min_redraw_seconds)
         self.layer_picker = widgets.Dropdown(description="heatmap:")
         self.status = widgets.HTML()
         self.widget = bounded(widgets.HBox([self.layer_picker, self.status]))
         self.figure: go.FigureWidget | None = None
         self.layer_names: list[str] = []
-        self.redraws = 0
-        self._last_draw = 0.0
         self._set_layers(num_layers, layer_names)
         self.layer_picker.observe(lambda change: self._building or self.refresh(),
                                   names="value")
@@ -172,7 +168,7 @@ class LoadBalanceView:
         self.history.append(record)
         if len(record["counts"]) != len(self.layer_names):  # a history of another model
             self._set_layers(len(record["counts"]), draw=False)
-        if time.monotonic() - self._last_draw >= self.min_redraw_seconds:
+        if self.redraw_due():
             self.refresh()
 
     def refresh(self) -> None:
@@ -182,18 +178,9 @@ class LoadBalanceView:
         with self.figure.batch_update():
             _draw(self.figure, arrays, layer,
                   self.layer_names[layer] if self.layer_names else "")
-        self.redraws += 1
-        self._last_draw = time.monotonic()
+        self._drew()
         if self.history:
             last = self.history[-1]
             cv = ", ".join(f"{v:.2f}" for v in arrays["cv"][:, -1])
             self.status.value = (f"step {last['step']} · LM loss {last['lm_loss']:.3f} · "
                                  f"load CV per layer [{cv}] · aux {last['aux_loss']:.3f}")
-
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
-
-        display(self.widget)
-
-    def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)

@@ -23,7 +23,6 @@ ep_size = world, the experts-first layout of `moelab.parallel.parallel_layout`).
 from __future__ import annotations
 
 import threading
-import time
 
 import ipywidgets as widgets
 import numpy as np
@@ -33,8 +32,8 @@ from plotly.subplots import make_subplots
 from ..exchanges import EXCHANGES, messages_per_forward
 from ..parallel.groups import parallel_layout
 from .fit import bounded
+from .view import MIN_REDRAW_SECONDS, LiveView
 
-MIN_REDRAW_SECONDS = 0.3  # at most ~3 redraws a second, however fast the ranks report
 EXCHANGE_COLORS = {"flat": "#1f77b4", "hierarchical": "#ff7f0e", "tp_coordinated": "#2ca02c"}
 EXCHANGE_TITLES = {"flat": "flat all-to-all", "hierarchical": "hierarchical (Fig. 8)",
                    "tp_coordinated": "TP-coordinated (Fig. 9)"}
@@ -314,7 +313,7 @@ def parallel_figure(records: list[dict], layer: int | None = None, exchange: str
 
 # ------------------------------------------------------------------------------ live widget
 
-class ParallelView:
+class ParallelView(LiveView):
     """Expert placement, traffic, messages and load of an expert-parallel run, live.
 
     ``view = ParallelView(); display(view)`` then
@@ -326,7 +325,7 @@ class ParallelView:
     def __init__(self, records: list[dict] | None = None,
                  min_redraw_seconds: float = MIN_REDRAW_SECONDS) -> None:
         self.records: list[dict] = []
-        self.min_redraw_seconds = min_redraw_seconds
+        super().__init__(min_redraw_seconds)
         self._lock = threading.RLock()
         self.figure = go.FigureWidget(_empty_figure())
         self.units = widgets.ToggleButtons(options=UNITS, value="rows",
@@ -334,8 +333,6 @@ class ParallelView:
         self.units.observe(lambda change: self.refresh(), names="value")
         self.status = widgets.HTML()
         self.widget = bounded(widgets.HBox([self.units, self.status]), self.figure)
-        self.redraws = 0
-        self._last_draw = 0.0
         if records:
             self.extend(records)
         else:
@@ -346,7 +343,7 @@ class ParallelView:
         redraw is old enough. Safe to call from launch's reader thread."""
         with self._lock:
             self.records.append({**record, "rank": int(rank)})
-            due = time.monotonic() - self._last_draw >= self.min_redraw_seconds
+            due = self.redraw_due()
         if due:
             self.refresh()
 
@@ -370,19 +367,10 @@ class ParallelView:
             data = parallel_data(list(self.records))
             with self.figure.batch_update():
                 _draw(self.figure, data, self.units.value)
-            self.redraws += 1
-            self._last_draw = time.monotonic()
+            self._drew()
             if data["world"]:
                 crossing = int(data["traffic"].sum() - np.trace(data["traffic"]))
                 self.status.value = (f"{len(self.records)} records · {crossing} rows crossed "
                                      f"ranks in the last exchange")
             else:
                 self.status.value = "waiting for records (launch(..., on_metric=view.update))"
-
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
-
-        display(self.widget)
-
-    def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)

@@ -31,6 +31,7 @@ from traitlets import TraitError
 from ..router import Router, RouterConfig, gate_logits, route
 from ..routing import Routing
 from .fit import autosize, bounded
+from .view import View
 
 MAX_TOKENS = 64  # heatmap rows; more tokens than this are routed and counted, but not drawn
 
@@ -321,7 +322,7 @@ def _controlled_fields() -> list:
     return [f for f in dataclasses.fields(RouterConfig) if f.name not in NOT_CONTROLS]
 
 
-class RoutingView:
+class RoutingView(View):
     """A live view of one Routing of fixed tokens, with controls that re-route them.
 
     Build it with `RoutingView.from_logits(logits)` (gate logits [S, E]) or
@@ -564,14 +565,6 @@ class RoutingView:
         w["drop_tokens"].disabled = not token_choice
 
     # ---- display
-
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
-
-        display(self.widget)
-
-    def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)
 
     def __repr__(self) -> str:
         state = "invalid options" if self.error else f"capacity={self.table['capacity']}"

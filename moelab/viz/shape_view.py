@@ -16,6 +16,7 @@ from plotly.subplots import make_subplots
 from ..model import GPTConfig, preset
 from ..sizing import ffn_params, size
 from .fit import autosize, bounded
+from .view import View
 
 DENSE_COLOR, EXPERT_COLOR, RESIDUAL_COLOR = "#9e9e9e", "#2f5f98", "#ff7f0e"
 
@@ -89,7 +90,7 @@ def shape_figure(configs: list[GPTConfig | str]) -> go.Figure:
     return autosize(fig)  # as wide as the output area
 
 
-class ShapeView:
+class ShapeView(View):
     """The paper's PR-MoE picture for one or more configs (names of presets or GPTConfigs)."""
 
     def __init__(self, *configs: GPTConfig | str) -> None:
@@ -97,11 +98,3 @@ class ShapeView:
         self.shapes = [model_shape(c) for c in self.configs]
         self.figure = go.FigureWidget(shape_figure(self.configs))
         self.widget = bounded(self.figure)
-
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
-
-        display(self.widget)
-
-    def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)

@@ -14,15 +14,14 @@ the domain selectivity I(domain; expert) / H(domain) of every layer over trainin
 
 from __future__ import annotations
 
-import time
-
 import ipywidgets as widgets
 import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .fit import bounded
-from .load_balance import LAYER_COLORS, MIN_REDRAW_SECONDS
+from .load_balance import LAYER_COLORS
+from .view import MIN_REDRAW_SECONDS, LiveView
 
 
 def specialisation_arrays(history: list[dict]) -> dict:
@@ -78,6 +77,12 @@ def _empty_figure(layer_names: list[str], domain_names: list[str]) -> go.Figure:
     return fig
 
 
+def _json(values: np.ndarray) -> list:
+    """Nested lists with None where a value is NaN: a FigureWidget's messages are JSON, which
+    has no NaN (plotly draws None as a gap)."""
+    return np.where(np.isnan(values), None, values).tolist()
+
+
 def _draw(fig: go.Figure, arrays: dict, layer: int, layer_name: str = "") -> None:
     """Put `arrays` into the figure's traces (inside fig.batch_update() for widgets)."""
     num_layers = len(arrays["coactivation"])
@@ -88,12 +93,12 @@ def _draw(fig: go.Figure, arrays: dict, layer: int, layer_name: str = "") -> Non
         fig.layout.annotations[1].text = f"{layer_name}: where each domain's routes go (%)"
         co = 100 * arrays["coactivation"][layer]
         np.fill_diagonal(co, np.nan)  # an expert with itself: its own share, off the scale
-        fig.data[0].update(z=co, x=np.arange(co.shape[1]), y=np.arange(co.shape[0]))
+        fig.data[0].update(z=_json(co), x=np.arange(co.shape[1]), y=np.arange(co.shape[0]))
         share = 100 * arrays["domain_share"][layer]
         fig.data[1].update(z=share, x=np.arange(share.shape[1]), y=np.arange(share.shape[0]))
     for i in range(num_layers):
         fig.data[2 + 2 * i].update(x=arrays["steps"], y=100 * arrays["dead"][i])
-        fig.data[3 + 2 * i].update(x=arrays["steps"], y=arrays["selectivity"][i])
+        fig.data[3 + 2 * i].update(x=arrays["steps"], y=_json(arrays["selectivity"][i]))
 
 
 def _layer_names(history: list[dict]) -> list[str]:
@@ -109,7 +114,7 @@ def specialisation_figure(history: list[dict], domain_names, layer: int = 0,
     return fig
 
 
-class SpecialisationView:
+class SpecialisationView(LiveView):
     """Co-activation, domain selectivity and dead experts of every MoE layer, live.
 
     ``probe = SpecialisationProbe(corpus, every=10).attach(trainer)``;
@@ -117,7 +122,7 @@ class SpecialisationView:
     """
 
     def __init__(self, min_redraw_seconds: float = MIN_REDRAW_SECONDS) -> None:
-        self.min_redraw_seconds = min_redraw_seconds
+        super().__init__(min_redraw_seconds)
         self.history: list[dict] = []
         self.domain_names: list[str] = []
         self.layer_names: list[str] = []
@@ -125,7 +130,7 @@ class SpecialisationView:
         self.status = widgets.HTML()
         self.figure = go.FigureWidget(_empty_figure([], []))
         self.widget = bounded(widgets.HBox([self.layer_picker, self.status]), self.figure)
-        self.redraws, self._last_draw, self._building = 0, 0.0, False
+        self._building = False
         self.layer_picker.observe(lambda change: self._building or self.refresh(),
                                   names="value")
 
@@ -156,7 +161,7 @@ class SpecialisationView:
         self.history.append(entry)
         if len(entry["layers"]) != len(self.layer_names):
             self._rebuild(_layer_names(self.history))
-        elif time.monotonic() - self._last_draw >= self.min_redraw_seconds:
+        elif self.redraw_due():
             self.refresh()
 
     def refresh(self) -> None:
@@ -166,18 +171,9 @@ class SpecialisationView:
         with self.figure.batch_update():
             _draw(self.figure, arrays, layer,
                   self.layer_names[layer] if self.layer_names else "")
-        self.redraws += 1
-        self._last_draw = time.monotonic()
+        self._drew()
         if self.history:
             dead = ", ".join(f"{100 * v:.0f}%" for v in arrays["dead"][:, -1])
             chosen = ", ".join(f"{v:.2f}" for v in arrays["selectivity"][:, -1])
             self.status.value = (f"step {self.history[-1]['step']} · dead experts per layer "
                                  f"[{dead}] · selectivity [{chosen}]")
-
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
-
-        display(self.widget)
-
-    def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)
