@@ -16,12 +16,11 @@ expert's [C, d] buffer (what it did before), for contrast.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import _peers as peers
 import torch
 from _candidates import LABELS, RTOL, check, expert_path, layout_call
-from _report import fmt, peer_goal, ratio
+from _report import Point, fmt, peer_goal, ratio
 from _timing import time_rotation, warm_up
 
 from moelab import expert_capacity
@@ -39,17 +38,6 @@ PAIRS = (("index", "deepspeed", "capacity"), ("index", "einsum", "capacity"),
          ("index_swiglu", "mixtral", "dropless"))
 
 
-@dataclass
-class Point:
-    T: int
-    d: int
-    E: int
-    k: int
-    ms: dict[str, float | None] = field(default_factory=dict)
-    cpu: dict[str, float | None] = field(default_factory=dict)
-    paths: dict[str, str] = field(default_factory=dict)
-    errors: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
 
 
 class Layers:

@@ -14,13 +14,12 @@ k=1: in the no-drop mode, where the two keep the same routes; see bench_layer's 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import _peers as peers
 import torch
 import torch.nn.functional as F
 from _candidates import check
-from _report import fmt, ratio
+from _report import Point, fmt, ratio
 from _timing import time_rotation, warm_up
 
 START, END = "<!-- bench_layer_train:start -->", "<!-- bench_layer_train:end -->"
@@ -30,15 +29,6 @@ QUICK = dict(T=(64,), d=(32,), E=(4,), k=(1, 2))
 AUX_COEF = 0.01
 
 
-@dataclass
-class Point:
-    T: int
-    d: int
-    E: int
-    k: int
-    ms: dict[str, float | None] = field(default_factory=dict)
-    cpu: dict[str, float | None] = field(default_factory=dict)
-    errors: list[str] = field(default_factory=list)
 
 
 def step(forward, x, probe, params) -> torch.Tensor:

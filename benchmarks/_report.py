@@ -7,9 +7,28 @@ import os
 import platform
 import re
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+
+@dataclass
+class Point:
+    """One point of a bench_layer grid: the shape, what each candidate measured, and what the
+    report says beside the numbers."""
+
+    T: int
+    d: int
+    E: int
+    k: int
+    ms: dict[str, float | None] = field(default_factory=dict)  # median wall ms per call
+    cpu: dict[str, float | None] = field(default_factory=dict)  # median CPU ms per call
+    capacity: int = 0
+    drop_fraction: float = 0.0
+    paths: dict[str, str] = field(default_factory=dict)  # moelab candidate -> experts' path
+    errors: list[str] = field(default_factory=list)  # failed parity checks
+    notes: list[str] = field(default_factory=list)  # candidates skipped, and why
 
 
 def cpu_model() -> str:

@@ -54,7 +54,6 @@ import platform
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -67,6 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helpers, also wh
 import _peers as peers  # noqa: E402
 from _candidates import LABELS, check, expert_path, layout_call  # noqa: E402
 from _report import (  # noqa: E402
+    Point,
     describe_cpu,
     fmt,
     load_average_warning,
@@ -114,19 +114,6 @@ def loop_forward(moe: MoE, x: Tensor) -> Tensor:
     return y
 
 
-@dataclass
-class Point:
-    T: int
-    d: int
-    E: int
-    k: int
-    ms: dict[str, float | None] = field(default_factory=dict)  # median wall ms per call
-    cpu: dict[str, float | None] = field(default_factory=dict)  # median CPU ms per call
-    capacity: int = 0
-    drop_fraction: float = 0.0
-    paths: dict[str, str] = field(default_factory=dict)  # moelab candidate -> experts' path
-    errors: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
 
 
 def einsum_too_big(T: int, E: int, C: int, d: int, seconds_per_flop: float) -> str | None:
