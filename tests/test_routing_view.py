@@ -361,6 +361,26 @@ def test_view_from_moe_layer_uses_its_router():
     assert_same_routing(view.routing, routing)
 
 
+@pytest.mark.parametrize("options", [
+    dict(router_bias=True, renormalize=True),  # gpt-oss: a bias in the gate's linear map
+    dict(use_selection_bias=True, score="sigmoid", renormalize=True, n_group=2, topk_group=1,
+         routed_scaling_factor=2.5),  # DeepSeek-V3: a fixed selection bias, groups, scaling
+], ids=["gate bias", "selection bias"])
+def test_view_from_router_routes_with_the_routers_biases(options):
+    """The view re-routes what the router routes, biases included; neither is a control."""
+    torch.manual_seed(0)
+    router = Router(8, E, k=2, drop_tokens=False, **options).eval()
+    with torch.no_grad():
+        for bias in (router.bias, router.selection_bias):
+            if bias is not None:
+                bias.copy_(3 * torch.randn(E))
+    x = torch.randn(S, 8)
+    view = RoutingView.from_router(router, x)
+    with torch.no_grad():
+        assert_same_routing(view.routing, router(x))
+    assert not {"router_bias", "use_selection_bias"} & set(view.controls)
+
+
 def test_view_displays_as_its_widget():
     view = RoutingView.from_logits(make_logits())
     bundle = view._repr_mimebundle_()

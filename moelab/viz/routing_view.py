@@ -28,7 +28,7 @@ from plotly.subplots import make_subplots
 from torch import Tensor
 from traitlets import TraitError
 
-from ..router import Router, RouterConfig, gate_logits, route
+from ..router import Router, RouterConfig, gate_logits, route, uses_selection_bias
 from ..routing import Routing
 from .fit import autosize, bounded
 from .view import View
@@ -303,8 +303,9 @@ def _error_html(message: str) -> str:
 
 
 #: RouterConfig fields the view has no control for: it routes with one capacity factor in both
-#: modes, and it shows a router's selection bias as it was (it cannot run the bias updates).
-NOT_CONTROLS = ("eval_capacity_factor", "bias_update_rate")
+#: modes; it shows a router's selection bias as it was (it cannot run the bias updates); and a
+#: gate bias is part of the router's weights, not a way of routing.
+NOT_CONTROLS = ("eval_capacity_factor", "bias_update_rate", "use_selection_bias", "router_bias")
 #: Slider ranges (min, max, step) for numeric options; any other numeric option gets a text box.
 SLIDERS = {"k": (1, None, 1), "capacity_factor": (0.25, 4.0, 0.25), "min_capacity": (0, 16, 1)}
 #: Friendlier names for some choices; any other choice shows its value.
@@ -350,10 +351,13 @@ class RoutingView(View):
         # router afterwards (more training, another device).
         self._logits = logits.detach().float().cpu()
         self._x = None if x is None else x.detach().float().cpu()
-        self._gate_weight = None if router is None else router.weight.detach().float().cpu()
-        self._selection_bias = None
-        if router is not None and router.config.bias_update_rate > 0:
-            self._selection_bias = router.selection_bias.detach().float().cpu().clone()
+        self._gate_weight = self._gate_bias = self._selection_bias = None
+        if router is not None:
+            self._gate_weight = router.weight.detach().float().cpu()
+            if router.bias is not None:  # gpt-oss's gate has one
+                self._gate_bias = router.bias.detach().float().cpu()
+            if uses_selection_bias(router.config):  # the aux-free bias, or DeepSeek-V3's fixed one
+                self._selection_bias = router.selection_bias.detach().float().cpu().clone()
         num_tokens, self.num_experts = self._logits.shape
         self.tokens = tokens
         token_labels(tokens, num_tokens)  # validate the length now
@@ -404,7 +408,8 @@ class RoutingView(View):
             capacity_factor=router.config.capacity_factor_for(router.training),
             eval_capacity_factor=None)
         with torch.no_grad():
-            logits = gate_logits(x, router.weight.detach().cpu())  # clean logits [S, E]
+            bias = None if router.bias is None else router.bias.detach().cpu()
+            logits = gate_logits(x, router.weight.detach().cpu(), bias=bias)  # clean  [S, E]
         return cls(logits, tokens, router=router, x=x, config=config,
                    **{"training": router.training, **options})
 
@@ -439,7 +444,7 @@ class RoutingView(View):
             if training:  # applied here, to the input, as Router does
                 with torch.no_grad():
                     logits = gate_logits(self._x, self._gate_weight, jitter=True,
-                                         generator=generator)
+                                         generator=generator, bias=self._gate_bias)
         routing = route(logits, config, training=training, generator=generator,
                         selection_bias=self._selection_bias)
         return config, routing
