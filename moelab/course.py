@@ -649,3 +649,108 @@ def check_scaling_prediction(faster_at_64: bool) -> None:
         raise ExerciseError(f"the model says {truth}: {detail}. Think about how many experts "
                             f"one token (batch 1) touches per layer, whatever the GPU count.")
     _passed(f"{truth}: {detail}.")
+
+
+# ---- 08 MoE after DeepSpeed
+
+def check_group_limited(my_group_limited) -> None:
+    """08: ``my_group_limited(scores [E], n_group, topk_group, k) -> k expert indices``, the
+    experts DeepSeek-V3's group-limited top-k chooses for one token, against moelab.route."""
+    from .router import route
+
+    fn = _function(my_group_limited, "my_group_limited", "(scores, n_group, topk_group, k)")
+    generator = torch.Generator().manual_seed(8)
+    cases = [(8, 2, 1, 2), (8, 4, 2, 3), (12, 3, 2, 4), (16, 4, 1, 2), (16, 8, 4, 8)]
+    for E, n_group, topk_group, k in cases:
+        for _ in range(4):
+            logits = torch.randn(1, E, generator=generator) * 2
+            reference = route(logits, k=k, score="sigmoid", renormalize=True, n_group=n_group,
+                              topk_group=topk_group, drop_tokens=False, training=False)
+            scores = torch.sigmoid(logits[0])
+            answer = _call(fn, "my_group_limited", scores.clone(), n_group, topk_group, k)
+            chosen = sorted(int(e) for e in _tensor(answer, "the chosen experts").reshape(-1))
+            expected = sorted(reference.expert[0].tolist())
+            if chosen == expected:
+                continue
+            size = E // n_group
+            groups = scores.view(n_group, size)
+            group_scores = groups.topk(2, dim=-1).values.sum(-1)
+            kept = group_scores.topk(topk_group).indices.tolist()
+            if len(chosen) != k:
+                hint = f"return k = {k} experts"
+            elif chosen == sorted(scores.topk(k).indices.tolist()):
+                hint = ("that is the plain top-k: first keep the topk_group groups with the "
+                        "best group scores, then take the top-k inside them")
+            else:
+                hint = (f"the groups are experts [g·{size}, (g+1)·{size}); a group's score is "
+                        f"the sum of its two best scores (here {group_scores.tolist()}), so the "
+                        f"kept groups are {sorted(kept)}")
+            raise ExerciseError(f"E={E}, n_group={n_group}, topk_group={topk_group}, k={k}: "
+                                f"yours chose {chosen}, moelab.route {expected}: {hint}.")
+    _passed(f"my_group_limited chooses what moelab.route(n_group=..., topk_group=...) chooses "
+            f"on {4 * len(cases)} tokens.")
+
+
+def check_sigmoid_weights(my_sigmoid_weights) -> None:
+    """08: ``my_sigmoid_weights(logits [E], chosen [k], scale) -> weights [k]``, DeepSeek-V3's
+    gate weights: the chosen experts' sigmoid scores renormalised to sum to 1, times the routed
+    scaling factor."""
+    from .router import route
+
+    fn = _function(my_sigmoid_weights, "my_sigmoid_weights", "(logits, chosen, scale)")
+    generator = torch.Generator().manual_seed(9)
+    for E, k, scale in ((8, 2, 1.0), (8, 2, 2.5), (16, 4, 2.5), (6, 1, 1.5)):
+        logits = torch.randn(1, E, generator=generator)
+        reference = route(logits, k=k, score="sigmoid", renormalize=True,
+                          routed_scaling_factor=scale, drop_tokens=False, training=False)
+        chosen = reference.expert[0]
+        answer = _tensor(_call(fn, "my_sigmoid_weights", logits[0].clone(), chosen.clone(),
+                               scale), "weights").reshape(-1).float()
+        expected = reference.weight[0]
+        if answer.shape != expected.shape:
+            raise ExerciseError(f"return one weight per chosen expert ({k}); got "
+                                f"{answer.numel()}")
+        if torch.allclose(answer, expected, atol=1e-5):
+            continue
+        plain = torch.sigmoid(logits[0, chosen])
+        if torch.allclose(answer, plain, atol=1e-5):
+            hint = "renormalise: divide by the chosen scores' sum, then multiply by scale"
+        elif torch.allclose(answer, plain / plain.sum(), atol=1e-5):
+            hint = f"multiply by the routed scaling factor ({scale})"
+        elif torch.allclose(answer, torch.softmax(logits[0], -1)[chosen] * scale, atol=1e-5):
+            hint = "DeepSeek-V3 scores with a sigmoid per expert, not a softmax over all"
+        else:
+            hint = "w_j = sigmoid(u_j) / Σ_chosen sigmoid(u_i) · scale"
+        raise ExerciseError(f"E={E}, k={k}, scale={scale}: yours {answer.tolist()}, "
+                            f"moelab.route {expected.tolist()}: {hint}.")
+    _passed("my_sigmoid_weights equals moelab.route(score='sigmoid', renormalize=True, "
+            "routed_scaling_factor=...) on 4 tokens.")
+
+
+#: The base of 08's fine-grained exercise: 8 experts 256 wide (4 · d_model), top-1.
+FINE_GRAINED_BASE = dict(name="tiny", experts=8)
+
+
+def check_fine_grained(experts, expert_d_ff, k) -> None:
+    """08: the experts, width and routed k of ``fine_grained(preset("tiny", experts=8), 4, 1)``."""
+    from .model import preset
+    from .modern import fine_grained
+
+    base = preset(**FINE_GRAINED_BASE)
+    fine = fine_grained(base, 4, 1)
+    answers = {"experts": (experts, fine.expert_schedule[0], "an expert count"),
+               "expert_d_ff": (expert_d_ff, fine.moe.expert_d_ff, "a width"),
+               "k": (k, fine.moe.router.k, "the routed experts per token")}
+    width, k0, e0 = base.ffn_dim, base.moe.router.k, base.expert_schedule[0]
+    hints = {"experts": f"m = 4 times as many: 4 × {e0}",
+             "expert_d_ff": f"each 1/m as wide: {width} / 4",
+             "k": f"k·m = {k0 * 4} chosen slots at the same FLOPs, and the shared expert takes "
+                  f"one of them"}
+    for name, (answer, expected, what) in answers.items():
+        answer = _number(_answered(answer, name, what), name)
+        if answer != expected:
+            raise ExerciseError(f"{name} = {answer:g}, but fine_grained(base, 4, 1) has "
+                                f"{expected}: {hints[name]}.")
+    _passed(f"{experts} experts of width {expert_d_ff}, {k} routed + 1 shared per token: "
+            f"{k + 1} × {expert_d_ff} = {(k + 1) * expert_d_ff} hidden units, as the base's "
+            f"{k0} × {width}.")

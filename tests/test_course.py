@@ -106,6 +106,14 @@ def _token_of_row(routing):
     return token
 
 
+def _group_limited(scores, n_group, topk_group, k):
+    groups = scores.view(n_group, -1)
+    kept = groups.topk(2, dim=-1).values.sum(-1).topk(topk_group).indices
+    masked = torch.full_like(groups, float("-inf"))
+    masked[kept] = groups[kept]
+    return masked.reshape(-1).topk(k).indices
+
+
 RIGHT = {
     "check_capacity": (80, 4),
     "check_top1": (_top1,),
@@ -125,6 +133,10 @@ RIGHT = {
     "check_touched": (lambda local, num_experts, routes:
                       local * (1 - (1 - 1 / num_experts) ** routes),),
     "check_scaling_prediction": (False,),
+    "check_sigmoid_weights": (lambda logits, chosen, scale: torch.sigmoid(logits[chosen])
+                              / torch.sigmoid(logits[chosen]).sum() * scale,),
+    "check_group_limited": (_group_limited,),
+    "check_fine_grained": (32, 64, 3),
 }
 CHECKS = sorted(name for name in dir(course) if name.startswith("check_"))
 
@@ -232,6 +244,14 @@ WRONG = [
      r"routes can land on the same expert"),
     ("check_scaling_prediction", (True,), r"the model says False"),
     ("check_scaling_prediction", ("no",), r"True or False"),
+    ("check_sigmoid_weights", (lambda u, c, s: torch.sigmoid(u[c]),), r"renormalise"),
+    ("check_sigmoid_weights", (lambda u, c, s: torch.sigmoid(u[c]) / torch.sigmoid(u[c]).sum(),),
+     r"routed scaling factor"),
+    ("check_sigmoid_weights", (lambda u, c, s: torch.softmax(u, -1)[c] * s,), r"not a softmax"),
+    ("check_group_limited", (lambda s, g, tg, k: s.topk(k).indices,), r"plain top-k"),
+    ("check_group_limited", (lambda s, g, tg, k: s.topk(k - 1).indices,), r"return k = "),
+    ("check_fine_grained", (8, 64, 3), r"m = 4 times as many"),
+    ("check_fine_grained", (32, 64, 4), r"the shared expert takes one"),
 ]
 
 
