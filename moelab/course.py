@@ -46,13 +46,13 @@ class ClaimError(AssertionError):
     """A notebook's reading does not hold in this run."""
 
 
-def claim(name: str, holds: bool, reading: str = "", *, skip: str | bool | None = None) -> bool:
+def claim(name: str, holds: bool, reading: str = "", *, skip: str | bool | None = None) -> None:
     """Check one of a notebook's readings against the numbers its cell just computed.
 
     ``holds``: the comparison (e.g. ``drop_aux < drop_none``). ``reading``: the numbers it
     compared, in words, printed either way. ``skip``: a reason why the claim cannot be judged
     at this preset (e.g. ``SMOKE and "10 training steps are too few to ..."``); a false value
-    means judge it. Returns whether the claim was judged and held.
+    means judge it. Returns nothing (a cell that ends with a claim displays no value).
     """
     if not name or any(ch.isspace() for ch in name):
         raise ValueError(f"a claim's name is one word (no spaces); got {name!r}")
@@ -60,13 +60,12 @@ def claim(name: str, holds: bool, reading: str = "", *, skip: str | bool | None 
         if not isinstance(skip, str) or not skip.strip():
             raise ValueError(f"claim {name}: say why it is skipped (skip must be a sentence)")
         print(f"claim {name}: skipped: {skip.strip()}")
-        return False
+        return
     if not holds:
         raise ClaimError(f"claim {name} does not hold in this run: {reading or '(no reading)'}. "
                          "The text above was written for this comparison; the run says "
                          "otherwise (please report it, with the preset and the numbers).")
     print(f"claim {name}: held" + (f" ({reading})" if reading else ""))
-    return True
 
 
 # --------------------------------------------------------------------------------- exercises
