@@ -24,7 +24,13 @@ PIP    := $(PY) -m pip --disable-pip-version-check --quiet
 # (make TORCH=/path/to/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl venv).
 TORCH       ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
-TORCH_PIP   := $(if $(strip $(TORCH_INDEX)),--extra-index-url $(TORCH_INDEX))
+# pip is pointed at TORCH_INDEX only where that index answers (checked when pip runs): on a
+# machine without internet access, or with a package mirror of its own (CI's), pip would
+# otherwise retry the unreachable index for every package it installs (it cost CI 20 minutes).
+TORCH_PIP    = $$($(PY) -c "import sys, urllib.request as r; url = sys.argv[1].rstrip('/'); \
+	r.urlopen(url + '/torch/', timeout=5) if url else sys.exit(1); print('--extra-index-url', url)" \
+	"$(TORCH_INDEX)" 2>/dev/null || echo "TORCH_INDEX '$(TORCH_INDEX)' not used (unset or no \
+	answer): torch comes from pip's own index" >&2)
 
 ARGS ?=
 
