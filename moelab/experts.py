@@ -53,6 +53,11 @@ def activate(h: Tensor, activation: str, inplace: bool = False, *,
 #: Inference runs the experts in groups whose hidden activations [G, C, f] fit in about this many
 #: bytes, so the second matmul reads them from cache instead of memory.
 HIDDEN_GROUP_BYTES = 8 << 20
+#: Packed layout: when an expert's first GEMM averages at least this many multiply-adds
+#: (rows · d_model · hidden width), each expert runs its own GEMMs ("segments").
+SEGMENT_MACS = 1 << 25
+#: Packed layout: segments padded to the largest when E · largest <= PAD_SLACK · rows.
+PAD_SLACK = 1.5
 #: The dtypes torch.nn.functional.grouped_mm takes (it has no float64).
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -163,20 +168,38 @@ class Experts(nn.Module):
         """Which code runs the experts for a layout ("capacity" or "packed") and the rows per
         expert ``load``:
 
-        - "segments": when at most half the experts have rows (decode: a few tokens over many
-          experts), each of those runs on its own rows and the others' weights are never read;
-        - "bank" (capacity layout): every expert in one batched matmul per matrix;
-        - "grouped_mm" (packed layout): ``torch.nn.functional.grouped_mm`` over the packed rows,
-          no padding (float32, bfloat16, float16, with rows a multiple of 16 bytes wide);
-        - "padded" (packed layout otherwise: float64, which grouped_mm lacks, or odd widths):
-          every segment padded to the largest for one batched FFN.
+        - "segments": each expert that has rows runs on its own rows (two plain GEMMs), and
+          the others' weights are never read. Taken when at most half the experts have rows
+          (decode: a few tokens over many experts), and in the packed layout when an expert's
+          first GEMM averages SEGMENT_MACS multiply-adds or more (each GEMM is then large enough
+          that the per-expert call costs nothing beside it: 128 rows at d_model 256 and a
+          1024-wide hidden layer, 8 rows at 1024 and 4096);
+        - "bank" (capacity layout otherwise): every expert in one batched matmul per matrix;
+        - "padded" (packed layout, small segments of nearly equal size: the largest at most
+          PAD_SLACK times the mean): every segment padded to the largest, one batched FFN;
+        - "grouped_mm" (packed layout, small uneven segments): ``torch.nn.functional.grouped_mm``
+          over the packed rows, no padding (float32, bfloat16, float16, rows a multiple of 16
+          bytes wide; otherwise "padded").
+
+        The thresholds come from timing the three packed paths on this project's CPU
+        (benchmarks/RESULTS.md, bench_layer): on GEMMs that large torch's grouped_mm ran
+        1.1-1.8x slower than one GEMM per expert; on smaller ones it was slower than padding
+        when the segments were nearly equal, and fastest when they were uneven, where padding
+        did up to 7x the work.
         """
-        active = sum(1 for rows in load if rows)
-        if active and 2 * active <= self.num_experts:
+        active = [rows for rows in load if rows]
+        if active and 2 * len(active) <= self.num_experts:
             return "segments"
         if layout == "capacity":
             return "bank"
-        return "grouped_mm" if self._grouped_mm_takes(dtype) else "padded"
+        if not active:  # no rows at all: the empty batched FFN still gives every weight a grad
+            return "padded"
+        if sum(active) * self.d_model * self.w_in.shape[2] >= SEGMENT_MACS * len(active):
+            return "segments"
+        if (self.num_experts * max(active) <= PAD_SLACK * sum(active)
+                or not self._grouped_mm_takes(dtype)):
+            return "padded"
+        return "grouped_mm"
 
     def _grouped_mm_takes(self, dtype: torch.dtype) -> bool:
         """grouped_mm's limits: its dtypes, and row strides that are multiples of 16 bytes."""
@@ -271,7 +294,7 @@ class Experts(nn.Module):
         if path == "segments":
             return self._packed_segments(x, load_host)
         if path == "grouped_mm":
-            return self._packed_grouped_mm(x, offsets, load)
+            return self._packed_grouped_mm(x, offsets, load, load_host)
         # (With no rows at all this still runs: an empty batched FFN that gives every weight a
         # zero gradient, as expert-parallel ranks without tokens need.)
         return self._packed_padded(x, offsets, load, load_host)
@@ -291,21 +314,30 @@ class Experts(nn.Module):
         return torch.cat([self._ffn(x[start:start + rows], e, weights)
                           for e, start, rows in segments])  # [N, d]
 
-    def _packed_grouped_mm(self, x: Tensor, offsets: Tensor, load: Tensor) -> Tensor:
+    def _packed_grouped_mm(self, x: Tensor, offsets: Tensor, load: Tensor,
+                           load_host: list[int]) -> Tensor:
         """The packed rows through torch's grouped GEMM: expert e's rows times W_in[e], then
         W_out[e], with no padding (each expert's bias added to its own rows)."""
         ends = offsets[1:].to(torch.int32)  # [E]: where each expert's rows end
         num_rows = x.shape[0]
+
+        inference = not _needs_grad(x, self.w_in)
+        starts = list(itertools.accumulate(load_host, initial=0))[:-1]
 
         def affine(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
             # rows_e · W[e] (+ b[e]) for every expert e at once                          [N, ·]
             out = _contiguous_grad(F.grouped_mm(rows, _as(weight, rows.dtype), offs=ends))
             if bias is None:
                 return out
-            return out + _as(bias, rows.dtype).repeat_interleave(load, dim=0,
-                                                                 output_size=num_rows)
+            bias = _as(bias, rows.dtype)
+            if inference:  # each expert's bias onto its own rows, in place: no [N, ·] copy
+                for e, (start, n) in enumerate(zip(starts, load_host, strict=True)):
+                    if n:
+                        out[start:start + n] += bias[e]
+                return out
+            return out + bias.repeat_interleave(load, dim=0, output_size=num_rows)
 
-        h = self._act(affine(x, self.w_in, self.b_in))  # [N, f]
+        h = self._act(affine(x, self.w_in, self.b_in), inplace=inference)  # [N, f]
         return affine(h, self.w_out, self.b_out)  # [N, d]
 
     def _packed_padded(self, x: Tensor, offsets: Tensor, load: Tensor,

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from moelab import Experts
+from moelab.experts import PAD_SLACK, SEGMENT_MACS
 
 
 def test_experts_run_each_expert_on_its_rows():
@@ -160,13 +161,18 @@ def test_the_capacity_layout_runs_only_experts_with_rows_and_gives_the_same_numb
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
-def test_grouped_mm_only_where_it_runs():
+def test_the_packed_path_follows_the_segment_sizes_and_grouped_mm_runs_only_where_it_can():
     experts = Experts(4, 4, 8)
-    assert experts.path("packed", [3, 3, 3, 3], torch.float64) == "padded"  # no float64
-    assert experts.path("packed", [3, 3, 3, 3], torch.float32) == "grouped_mm"
-    assert experts.path("packed", [0, 0, 5, 0], torch.float64) == "segments"
+    big = SEGMENT_MACS // (4 * 8)  # rows whose first GEMM (d_model 4, width 8) is that large
+    assert experts.path("packed", [0, 0, 5, 0], torch.float32) == "segments"  # few experts
+    assert experts.path("packed", [big, big, big + 1, big - 1], torch.float32) == "segments"
+    assert experts.path("packed", [3, 3, 3, 3], torch.float32) == "padded"  # small, even
+    assert experts.path("packed", [9, 1, 1, 1], torch.float32) == "grouped_mm"  # small, uneven
+    assert 4 * 9 > PAD_SLACK * 12
+    assert experts.path("packed", [9, 1, 1, 1], torch.float64) == "padded"  # no float64
+    assert experts.path("packed", [0, 0, 0, 0], torch.float32) == "padded"  # no rows at all
     odd = Experts(4, 4, 5)  # hidden rows 20 bytes wide: grouped_mm wants multiples of 16
-    assert odd.path("packed", [3, 3, 3, 3], torch.float32) == "padded"
+    assert odd.path("packed", [9, 1, 1, 1], torch.float32) == "padded"
     x, offsets = torch.randn(12, 4), torch.tensor([0, 3, 6, 9, 12])
     torch.testing.assert_close(odd(x, offsets), torch.cat(
         [reference_ffn(odd, x[3 * e:3 * e + 3], e) for e in range(4)]), rtol=1e-5, atol=1e-6)
