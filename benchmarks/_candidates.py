@@ -44,10 +44,18 @@ def layout_call(moe: MoE, x: Tensor, *, drop_tokens: bool, backend: str = "index
     return call
 
 
+#: What the names in the reports' "which code ran the experts" tables mean (the rule that picks
+#: one per call is `moelab.Experts.path`'s, with the timings behind it in its docstring).
+PATHS_LEGEND = ('`Experts.path` picks one per call: "bank" (capacity layout, every expert in one '
+                'batched matmul per matrix), "segments" (each expert that has rows runs its own '
+                'GEMMs), "padded" (packed rows, segments padded to the largest, one batched '
+                'FFN), "grouped_mm" (packed rows through torch.nn.functional.grouped_mm, no '
+                'padding).')
+
+
 def expert_path(moe: MoE, routing) -> str:
     """Which code ran the experts of ``moe`` for ``routing`` (`moelab.Experts.path`)."""
     if routing.capacity is None:
         return moe.experts.path("packed", routing.load.tolist(), torch.float32)
-    sparse = routing.capacity * routing.num_experts > 2 * routing.expert.numel()
-    return moe.experts.path("capacity", routing.load.tolist(), torch.float32) if sparse \
-        else "bank"
+    load = moe.capacity_load(routing)
+    return "bank" if load is None else moe.experts.path("capacity", load.tolist(), torch.float32)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import _peers as peers
 import torch
-from _candidates import LABELS, RTOL, check, expert_path, layout_call
+from _candidates import LABELS, PATHS_LEGEND, RTOL, check, expert_path, layout_call
 from _report import Point, fmt, peer_goal, ratio
 from _timing import time_rotation, warm_up
 
@@ -72,9 +72,13 @@ def decode_point(layers: Layers, T: int, d: int, E: int, k: int, rounds: int, se
     warm: dict[str, float] = {}
     outputs = {name: peers.first(fn()).reshape(T, d) for name, fn in cands.items()}
     check("einsum", outputs["einsum"], outputs["index"], point.errors)
+    # the capacity layout (the timed calls leave the router in whichever layout ran last):
+    # DeepSpeed's layer below copies it
+    config = moe.router.config.replace(drop_tokens=True)
     for name, drop in (("index", True), ("index_dropless", False)):
-        moe.router.config = moe.router.config.replace(drop_tokens=drop)
+        moe.router.config = config.replace(drop_tokens=drop)
         point.paths[name] = expert_path(moe, moe.router(x))
+    moe.router.config = config
     ds = peers.deepspeed_like(moe)
     if ds is not None and k == 1 and T < moe.router.config.min_capacity:
         point.notes.append(f"DeepSpeed refuses top-1 routing of fewer tokens than min_capacity "
@@ -210,8 +214,7 @@ expert's [C, d] buffer, what a capacity-layout decode step did before.
 
 ## Which code ran moelab's experts
 
-"segments": only the experts with rows, one by one; "grouped_mm": the packed rows through
-torch's grouped GEMM; "bank": every expert batched.
+{PATHS_LEGEND}
 
 | T | d | E | k | index | index dropless | index swiglu | index relu |
 |---:|---:|---:|---:|---|---|---|---|

@@ -29,8 +29,6 @@ QUICK = dict(T=(64,), d=(32,), E=(4,), k=(1, 2))
 AUX_COEF = 0.01
 
 
-
-
 def step(forward, x, probe, params) -> torch.Tensor:
     """One training step of a layer: forward, the loss, backward; returns dL/dx."""
     for p in params:

@@ -64,7 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helpers, also when loaded by path
 
 import _peers as peers  # noqa: E402
-from _candidates import LABELS, check, expert_path, layout_call  # noqa: E402
+from _candidates import LABELS, PATHS_LEGEND, check, expert_path, layout_call  # noqa: E402
 from _report import (  # noqa: E402
     Point,
     describe_cpu,
@@ -353,9 +353,7 @@ Goals (CPU time):
 
 ## Which code ran moelab's experts at each point
 
-`Experts.path`: "bank" (capacity layout, every expert in one batched matmul per matrix),
-"grouped_mm" (packed dropless rows through torch.nn.functional.grouped_mm, no padding),
-"segments" (only the experts that have rows, one by one), "padded" (float64 only).
+{PATHS_LEGEND}
 
 {paths_table(points)}
 """

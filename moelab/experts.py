@@ -170,7 +170,10 @@ class Experts(nn.Module):
 
         - "segments": each expert that has rows runs on its own rows (two plain GEMMs), and
           the others' weights are never read. Taken when at most half the experts have rows
-          (decode: a few tokens over many experts), and in the packed layout when an expert's
+          (decode: a few tokens over many experts); in the capacity layout also when some
+          expert is idle and the busiest's first GEMM is under SEGMENT_MACS multiply-adds (its
+          GEMMs are then a read of its weights, which an idle expert need not do); in the
+          packed layout when an expert's
           first GEMM averages SEGMENT_MACS multiply-adds or more (each GEMM is then large enough
           that the per-expert call costs nothing beside it: 128 rows at d_model 256 and a
           1024-wide hidden layer, 8 rows at 1024 and 4096);
@@ -190,11 +193,15 @@ class Experts(nn.Module):
         active = [rows for rows in load if rows]
         if active and 2 * len(active) <= self.num_experts:
             return "segments"
+        gemm_macs = self.d_model * self.w_in.shape[2]  # per row of an expert's first GEMM
         if layout == "capacity":
-            return "bank"
+            # Rows this few make an expert's GEMMs a read of its weights: skip the idle ones'.
+            idle = len(active) < self.num_experts
+            return "segments" if active and idle and max(active) * gemm_macs < SEGMENT_MACS \
+                else "bank"
         if not active:  # no rows at all: the empty batched FFN still gives every weight a grad
             return "padded"
-        if sum(active) * self.d_model * self.w_in.shape[2] >= SEGMENT_MACS * len(active):
+        if sum(active) * gemm_macs >= SEGMENT_MACS * len(active):
             return "segments"
         if (self.num_experts * max(active) <= PAD_SLACK * sum(active)
                 or not self._grouped_mm_takes(dtype)):

@@ -208,10 +208,16 @@ class MoE(nn.Module):
     def _run_local(self, buffer: Tensor, routing: Routing) -> Tensor:
         if routing.capacity is None:
             return self.experts(buffer, routing.offsets, load=routing.load)  # packed [N, d]
-        # Capacity layout [E, C, d]. When most slots are empty (decode: a few tokens, C from
-        # min_capacity), the load tells the bank which experts have rows, so only those run.
+        return self.experts(buffer, load=self.capacity_load(routing))  # [E, C, d]
+
+    @staticmethod
+    def capacity_load(routing: Routing) -> Tensor | None:
+        """Capacity layout [E, C, d]: when most slots are empty (decode: a few tokens, C from
+        min_capacity), the load [E] that tells the bank which experts have rows, so that only
+        those run (`Experts.path`); otherwise None (every expert runs, and nothing waits for
+        the device to learn the load)."""
         sparse = routing.capacity * routing.num_experts > 2 * routing.expert.numel()
-        return self.experts(buffer, load=routing.load if sparse else None)
+        return routing.load if sparse else None
 
     def _run_fused(self, tokens: Tensor, routing: Routing) -> Tensor:
         from .kernels.grouped_ffn import expert_ffn

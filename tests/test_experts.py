@@ -144,8 +144,10 @@ def test_the_capacity_layout_runs_only_experts_with_rows_and_gives_the_same_numb
         x[e, :rows] = torch.randn(rows, 4)
     x.requires_grad_(grad)
     load_t = torch.tensor(load)
+    # tiny GEMMs: every idle expert is skipped (and with no rows at all the bank runs, so
+    # that every weight still gets its zero gradient)
     assert experts.path("capacity", load, torch.float32) == (
-        "segments" if 0 < sum(1 for r in load if r) <= 3 else "bank")
+        "segments" if 0 < sum(1 for r in load if r) < 6 else "bank")
     with torch.set_grad_enabled(grad):
         sparse = experts(x, load=load_t)
         whole = experts(x)
@@ -159,6 +161,15 @@ def test_the_capacity_layout_runs_only_experts_with_rows_and_gives_the_same_numb
         want = torch.autograd.grad((whole * probe).sum(), [x, *experts.parameters()])
         for g, w in zip(got, want, strict=True):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_the_capacity_layout_runs_the_bank_once_the_busiest_experts_gemm_is_large():
+    experts = Experts(4, 4, 8)
+    small = SEGMENT_MACS // (4 * 8) - 1  # rows whose first GEMM is just under SEGMENT_MACS
+    assert experts.path("capacity", [small, 1, 0, 1], torch.float32) == "segments"
+    assert experts.path("capacity", [small + 1, 1, 0, 1], torch.float32) == "bank"
+    assert experts.path("capacity", [1, 1, 1, 1], torch.float32) == "bank"  # none idle
+    assert experts.path("capacity", [0, 0, 1, 0], torch.float32) == "segments"  # few active
 
 
 def test_the_packed_path_follows_the_segment_sizes_and_grouped_mm_runs_only_where_it_can():
