@@ -312,7 +312,7 @@ def from_hf(block: nn.Module, backend: str = "index") -> MoE:
     options = dict(DROPLESS, activation="swiglu", bias=False, backend=backend)
     options.update(read.options)
     if "mlp.fc_out.weight" in read.weights:
-        options["residual_d_ff"] = read.weights["mlp.fc_out.weight"].shape[1]  # g
+        options.update(residual_d_ff=read.weights["mlp.fc_out.weight"].shape[1])  # g
     moe = MoE(d_model, width // 2, num_experts, **options)
     moe = moe.to(device=w_in.device, dtype=w_in.dtype)
     moe.router.to(dtype=router_weight.dtype)
