@@ -173,10 +173,9 @@ class Experts(nn.Module):
           (decode: a few tokens over many experts); in the capacity layout also when some
           expert is idle and the busiest's first GEMM is under SEGMENT_MACS multiply-adds (its
           GEMMs are then a read of its weights, which an idle expert need not do); in the
-          packed layout when an expert's
-          first GEMM averages SEGMENT_MACS multiply-adds or more (each GEMM is then large enough
-          that the per-expert call costs nothing beside it: 128 rows at d_model 256 and a
-          1024-wide hidden layer, 8 rows at 1024 and 4096);
+          packed layout when an expert's first GEMM averages SEGMENT_MACS multiply-adds or
+          more (each GEMM is then large enough that the per-expert call costs nothing beside
+          it: 128 rows at d_model 256 and a 1024-wide hidden layer, 8 rows at 1024 and 4096);
         - "bank" (capacity layout otherwise): every expert in one batched matmul per matrix;
         - "padded" (packed layout, small segments of nearly equal size: the largest at most
           PAD_SLACK times the mean): every segment padded to the largest, one batched FFN;
