@@ -21,7 +21,7 @@ import _peers as peers
 import torch
 from _candidates import LABELS, PATHS_LEGEND, RTOL, check, expert_path, layout_call
 from _report import Point, fmt, peer_goal, ratio
-from _timing import time_rotation, warm_up
+from _timing import time_point, time_rotation, warm_up
 
 from moelab import expert_capacity
 
@@ -108,11 +108,7 @@ def decode_point(layers: Layers, T: int, d: int, E: int, k: int, rounds: int, se
             cands["switch"] = lambda: switch(x3)
             check("switch", switch(x3).reshape(T, d), layers.relu(x)[0], point.errors)
             point.paths["index_relu"] = expert_path(layers.relu, layers.relu.router(x))
-    warm_up(cands, warm)
-    walls, cpus = time_rotation(cands, rounds, warm)
-    for name in COLUMNS:
-        point.ms[name] = walls[name] * 1e3 if name in walls else None
-        point.cpu[name] = cpus[name] * 1e3 if name in cpus else None
+    time_point(point, cands, rounds, warm, COLUMNS)
     return point
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from _candidates import check
 from _report import Point, fmt, ratio
-from _timing import time_rotation, warm_up
+from _timing import time_point
 
 START, END = "<!-- bench_layer_train:start -->", "<!-- bench_layer_train:end -->"
 NOTES = "<!-- bench_layer_train:notes (hand-written, kept by reruns) -->"
@@ -89,11 +89,7 @@ def train_point(T: int, d: int, E: int, k: int, rounds: int, seed: int) -> Point
 
     cands["dense"] = lambda: step(dense_forward, x_rows, probe_rows, [w1, b1, w2, b2])
     warm: dict[str, float] = {}
-    warm_up(cands, warm)
-    walls, cpus = time_rotation(cands, rounds, warm)
-    for name in ("index", "deepspeed", "dense"):
-        point.ms[name] = walls[name] * 1e3 if name in walls else None
-        point.cpu[name] = cpus[name] * 1e3 if name in cpus else None
+    time_point(point, cands, rounds, warm, ("index", "deepspeed", "dense"))
     return point
 
 

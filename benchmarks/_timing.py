@@ -54,3 +54,14 @@ def time_rotation(cands: dict[str, Callable[[], object]], rounds: int,
             cpus[n].append(cpu)
     return ({n: statistics.median(v) for n, v in walls.items()},
             {n: statistics.median(v) for n, v in cpus.items()})
+
+
+def time_point(point, cands: dict[str, Callable[[], object]], rounds: int,
+               warm: dict[str, float], columns) -> None:
+    """Warm the candidates up, time them round-robin, and write each column's median ms (wall
+    clock and CPU) into ``point.ms`` and ``point.cpu`` (None where no candidate ran)."""
+    warm_up(cands, warm)
+    walls, cpus = time_rotation(cands, rounds, warm)
+    for name in columns:
+        point.ms[name] = walls[name] * 1e3 if name in walls else None
+        point.cpu[name] = cpus[name] * 1e3 if name in cpus else None

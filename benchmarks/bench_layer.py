@@ -75,7 +75,7 @@ from _report import (  # noqa: E402
     ratio,
     write_section,
 )
-from _timing import MIN_SAMPLE_S, time_rotation, warm_up  # noqa: E402
+from _timing import MIN_SAMPLE_S, time_point  # noqa: E402
 
 from moelab import MoE, expert_capacity  # noqa: E402
 
@@ -212,11 +212,7 @@ def forward_point(T: int, d: int, E: int, k: int, rounds: int, seed: int) -> Poi
     cands["balanced"] = lambda: torch.baddbmm(
         b_out, F.gelu(torch.baddbmm(b_in, x_bal, ex.w_in)), ex.w_out)
 
-    warm_up(cands, warm)
-    walls, cpus = time_rotation(cands, rounds, warm)
-    for name in COLUMNS:
-        point.ms[name] = walls[name] * 1e3 if name in walls else None
-        point.cpu[name] = cpus[name] * 1e3 if name in cpus else None
+    time_point(point, cands, rounds, warm, COLUMNS)
     return point
 
 
