@@ -174,11 +174,7 @@ class LoadBalanceView(LiveView):
     def refresh(self) -> None:
         """Redraw everything now, in one batch update."""
         arrays = load_arrays(self.history)
-        layer = self.layer_picker.value or 0
-        with self.figure.batch_update():
-            _draw(self.figure, arrays, layer,
-                  self.layer_names[layer] if self.layer_names else "")
-        self._drew()
+        self._redraw_layer(_draw, arrays)
         if self.history:
             last = self.history[-1]
             cv = ", ".join(f"{v:.2f}" for v in arrays["cv"][:, -1])

@@ -167,11 +167,7 @@ class SpecialisationView(LiveView):
     def refresh(self) -> None:
         """Redraw everything now, in one batch update."""
         arrays = specialisation_arrays(self.history)
-        layer = self.layer_picker.value or 0
-        with self.figure.batch_update():
-            _draw(self.figure, arrays, layer,
-                  self.layer_names[layer] if self.layer_names else "")
-        self._drew()
+        self._redraw_layer(_draw, arrays)
         if self.history:
             dead = ", ".join(f"{100 * v:.0f}%" for v in arrays["dead"][:, -1])
             chosen = ", ".join(f"{v:.2f}" for v in arrays["selectivity"][:, -1])

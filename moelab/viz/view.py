@@ -39,3 +39,11 @@ class LiveView(View):
     def _drew(self) -> None:
         self.redraws += 1
         self._last_draw = time.monotonic()
+
+    def _redraw_layer(self, draw, arrays) -> None:
+        """One batch redraw of a view with a layer picker (its ``figure``, ``layer_picker`` and
+        ``layer_names``): ``draw(figure, arrays, layer, layer_name)`` for the picked layer."""
+        layer = self.layer_picker.value or 0
+        with self.figure.batch_update():
+            draw(self.figure, arrays, layer, self.layer_names[layer] if self.layer_names else "")
+        self._drew()
