@@ -91,6 +91,15 @@ def _answered(value, name: str, what: str):
     return value
 
 
+def _counts(value, name: str, example: str = "") -> tuple[int, ...]:
+    """An answer that should be a tuple of counts, as ints (a clear error if it is not)."""
+    try:
+        return tuple(int(n) for n in value)
+    except (TypeError, ValueError):
+        raise ExerciseError(f"`{name}` should be a tuple of expert counts{example}; got "
+                            f"{value!r}") from None
+
+
 def _function(fn, name: str, signature: str) -> Callable:
     if fn is None or fn is ...:
         raise ExerciseError(f"`{name}` is not defined yet: complete `def {name}{signature}` in "
@@ -359,11 +368,7 @@ def check_schedule(schedule) -> None:
     schedule = _answered(schedule, "my_schedule", "a tuple with one expert count per MoE layer")
     config = preset("tiny", n_layer=12, experts="8/32")
     expected = tuple(config.expert_schedule)
-    try:
-        answer = tuple(int(n) for n in schedule)
-    except (TypeError, ValueError):
-        raise ExerciseError(f"`my_schedule` should be a tuple of expert counts, like (4, 4, "
-                            f"16); got {schedule!r}") from None
+    answer = _counts(schedule, "my_schedule", ", like (4, 4, 16)")
     if answer == expected:
         _passed(f"{answer}: MoE blocks {list(config.moe_layers)}, the last two with 32.")
         return
@@ -387,11 +392,7 @@ def check_student_schedule(schedule) -> None:
                          "a tuple with one expert count per MoE layer of the student")
     teacher = preset("tiny", n_layer=12, experts=(2, 4, 8, 16, 32, 64))
     expected = tuple(student_config(teacher, n_layer=8).expert_schedule)
-    try:
-        answer = tuple(int(n) for n in schedule)
-    except (TypeError, ValueError):
-        raise ExerciseError(f"`my_student_schedule` should be a tuple of expert counts; got "
-                            f"{schedule!r}") from None
+    answer = _counts(schedule, "my_student_schedule")
     if answer == expected:
         _passed(f"{answer}: the student keeps the teacher's last {len(expected)} MoE layers.")
         return
